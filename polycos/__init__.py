@@ -1,0 +1,188 @@
+"""polycos: cosine similarity and its exact gradient, one implementation for every array library.
+
+>>> import numpy as np
+>>> import polycos
+>>> x1 = np.array([[1.0, 2.0], [3.0, 4.0]])
+>>> x2 = np.array([[5.0, 6.0], [7.0, 8.0]])
+>>> polycos.cosine_similarity(x1, x2, dim=1)
+array([0.97341717, 0.99716412])
+
+The formulas live in :mod:`polycos._core`; adapters for PyTorch, JAX and CuPy
+are imported only when arrays of those libraries are passed in.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from polycos._dispatch import adapter_for
+from polycos._validate import resolve_dim, validate
+
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    Array = TypeVar("Array")
+else:
+    Array = Any
+
+__version__ = "0.1.0"
+__all__ = [
+    "__version__",
+    "cosine_similarity",
+    "cosine_similarity_vjp",
+]
+
+
+def cosine_similarity(
+    x1: Array,
+    x2: Array,
+    dim: int | None = None,
+    eps: float = 1e-8,
+    *,
+    axis: int | None = None,
+) -> Array:
+    r"""Cosine similarity of ``x1`` and ``x2`` along ``dim``, for any array library.
+
+    A drop-in for :func:`torch.nn.functional.cosine_similarity`:
+
+    .. math::
+
+        s = \operatorname{clip}\Big(\frac{\langle x_1, x_2 \rangle}
+            {\max(\lVert x_1\rVert, \varepsilon)\,\max(\lVert x_2\rVert, \varepsilon)},
+            -1, 1\Big)
+
+    computed along ``dim`` after ``x1`` and ``x2`` are broadcast together.
+
+    Parameters
+    ----------
+    x1, x2 : array
+        Arrays of one library (NumPy, PyTorch, JAX, CuPy, dask, array-api-strict,
+        ...). Integer and bool inputs are promoted to the library's default
+        floating dtype; complex inputs are rejected.
+    dim : int, optional
+        The axis of the *broadcast* shape holding the vectors (default 1;
+        negative values count from the end). ``axis=`` is an alias; give at most one.
+    eps : float, optional
+        Lower bound on each norm, ``>= 0`` (default ``1e-8``). With ``eps=0`` a zero
+        vector has similarity 0 with everything.
+
+    Returns
+    -------
+    array
+        Same library, device and (promoted) dtype as the inputs, with the
+        broadcast shape less ``dim``. ``|s| <= 1`` always.
+
+    Raises
+    ------
+    TypeError
+        Non-arrays, arrays of two libraries, complex dtypes, ``dim`` and ``axis`` both given.
+    ValueError
+        Shapes that do not broadcast; ``eps`` negative, NaN or infinite.
+    IndexError
+        ``dim`` out of range for the broadcast shape.
+
+    See Also
+    --------
+    cosine_similarity_vjp : the gradient, for arrays without autodiff.
+
+    Examples
+    --------
+    Rows of a matrix (``dim=1``) and columns (``dim=0``):
+
+    >>> import numpy as np
+    >>> import polycos
+    >>> a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> b = np.array([[5.0, 6.0], [7.0, 8.0]])
+    >>> polycos.cosine_similarity(a, b, dim=1).round(4)
+    array([0.9734, 0.9972])
+    >>> polycos.cosine_similarity(a, b, dim=0).round(4)
+    array([0.9558, 0.9839])
+
+    Broadcasting: one query against many rows.
+
+    >>> q = np.array([1.0, 0.0])
+    >>> polycos.cosine_similarity(q, np.array([[2.0, 0.0], [0.0, 3.0]]), dim=-1)
+    array([1., 0.])
+    """
+    call = validate(x1, x2, resolve_dim(dim, axis), eps)
+    return adapter_for(call.x1).cosine_similarity(call)
+
+
+def cosine_similarity_vjp(
+    grad: Array,
+    x1: Array,
+    x2: Array,
+    dim: int | None = None,
+    eps: float = 1e-8,
+    *,
+    axis: int | None = None,
+) -> tuple[Array, Array]:
+    r"""Vector-Jacobian product of :func:`cosine_similarity`: ``(dL/dx1, dL/dx2)``.
+
+    For an upstream gradient :math:`g = \partial L / \partial s`,
+
+    .. math::
+
+        \frac{\partial L}{\partial x_1} = \frac{g}{c_1}\Big(\frac{x_2}{c_2}
+            - [n_1 > \varepsilon]\,\frac{s}{n_1}\,x_1\Big), \qquad
+        n_i = \lVert x_i \rVert,\; c_i = \max(n_i, \varepsilon),
+
+    and symmetrically for ``x2``: the exact derivative in every regime,
+    including norms below ``eps`` (where the function is linear in that input)
+    and zero vectors with ``eps=0`` (gradient 0).
+
+    Parameters
+    ----------
+    grad : array
+        Upstream gradient, with (or broadcastable to) the shape of
+        ``cosine_similarity(x1, x2, dim, eps)``.
+    x1, x2, dim, eps, axis
+        As for :func:`cosine_similarity`.
+
+    Returns
+    -------
+    (array, array)
+        Gradients with the shapes and (promoted) dtypes of ``x1`` and ``x2``;
+        an input that was broadcast gets its gradient summed back to its shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import polycos
+    >>> x1 = np.array([[1.0, 0.0]])
+    >>> x2 = np.array([[1.0, 1.0]])
+    >>> g1, g2 = polycos.cosine_similarity_vjp(np.ones(1), x1, x2)
+    >>> g1.round(4), g2.round(4)
+    (array([[0.    , 0.7071]]), array([[ 0.3536, -0.3536]]))
+    """
+    call = validate(x1, x2, resolve_dim(dim, axis), eps)
+    out_shape = tuple(d for i, d in enumerate(call.shape) if i != call.axis)
+    xp = call.xp
+    if not _same_library(grad, call.x1):
+        raise TypeError(
+            f"grad must be an array of the same library as x1 and x2, got {type(grad).__name__}"
+        )
+    try:
+        from polycos._validate import broadcast_shapes
+
+        if broadcast_shapes(tuple(grad.shape), out_shape) != out_shape:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"grad with shape {tuple(grad.shape)} does not broadcast to the result "
+            f"shape {out_shape}"
+        ) from None
+    grad = xp.astype(grad, call.dtype) if grad.dtype != call.dtype else grad
+    return adapter_for(call.x1).cosine_similarity_vjp(grad, call)
+
+
+def _same_library(a: Any, b: Any) -> bool:
+    import array_api_compat
+
+    if not array_api_compat.is_array_api_obj(a):
+        return False
+    try:
+        array_api_compat.array_namespace(a, b)
+    except TypeError:
+        return False
+    return True

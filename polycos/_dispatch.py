@@ -1,0 +1,38 @@
+"""Which adapter serves which array type.
+
+Modelled on einops' ``_backends``: an adapter module is imported only when an
+array of its framework shows up, and the test is a ``sys.modules`` look-up
+(through ``array-api-compat``), so ``import polycos`` stays light and a NumPy
+user never pays for importing torch, jax or cupy.
+
+Each adapter module provides ``cosine_similarity(call)`` and
+``cosine_similarity_vjp(grad, call)`` taking a validated
+:class:`polycos._validate.Call`, and ``pairwise_cosine_similarity``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+__all__ = ["adapter_for"]
+
+#: (predicate on an array, adapter module), tried in order; the generic array-API
+#: adapter serves everything else.
+_ROUTES: tuple[tuple[str, str], ...] = (
+    ("is_torch_array", "polycos.torch"),
+    ("is_jax_array", "polycos.jax"),
+    ("is_cupy_array", "polycos.cupy"),
+)
+_GENERIC = "polycos._array_api"
+
+
+def adapter_for(x: Any) -> ModuleType:
+    """The adapter module for arrays like ``x`` (imported on first use)."""
+    for predicate, module in _ROUTES:
+        if getattr(array_api_compat, predicate)(x):
+            return importlib.import_module(module)
+    return importlib.import_module(_GENERIC)
