@@ -105,7 +105,7 @@ def cosine_similarity(
     array([1., 0.])
     """
     call = validate(x1, x2, resolve_dim(dim, axis), eps)
-    return adapter_for(call.x1).cosine_similarity(call)
+    return adapter_for(call.x1).forward(call)
 
 
 def cosine_similarity_vjp(
@@ -173,7 +173,7 @@ def cosine_similarity_vjp(
             f"shape {out_shape}"
         ) from None
     grad = xp.astype(grad, call.dtype) if grad.dtype != call.dtype else grad
-    return adapter_for(call.x1).cosine_similarity_vjp(grad, call)
+    return adapter_for(call.x1).vjp(grad, call)
 
 
 def _same_library(a: Any, b: Any) -> bool:

@@ -20,7 +20,7 @@ import array_api_compat
 from polycos import _core
 from polycos._validate import Call
 
-__all__ = ["cosine_similarity", "cosine_similarity_vjp"]
+__all__ = ["forward", "vjp"]
 
 #: Elements of one input per block on NumPy (256 Ki: 2 MB in float64, L2/L3-resident).
 BLOCK_ELEMENTS = 1 << 18
@@ -124,7 +124,7 @@ def _assign(out: Any, value: Any) -> None:
     out[...] = value
 
 
-def cosine_similarity(call: Call) -> Any:
+def forward(call: Call) -> Any:
     """Forward on a validated call."""
     xp = call.xp
     x1, x2 = _as_vectors(call)
@@ -137,7 +137,7 @@ def cosine_similarity(call: Call) -> Any:
     return xp.reshape(out, ()) if not call.shape else out
 
 
-def cosine_similarity_vjp(grad: Any, call: Call) -> tuple[Any, Any]:
+def vjp(grad: Any, call: Call) -> tuple[Any, Any]:
     """VJP on a validated call; ``grad`` broadcasts to the forward result's shape."""
     xp = call.xp
     x1, x2 = _as_vectors(call)

@@ -5,9 +5,9 @@ array of its framework shows up, and the test is a ``sys.modules`` look-up
 (through ``array-api-compat``), so ``import polycos`` stays light and a NumPy
 user never pays for importing torch, jax or cupy.
 
-Each adapter module provides ``cosine_similarity(call)`` and
-``cosine_similarity_vjp(grad, call)`` taking a validated
-:class:`polycos._validate.Call`, and ``pairwise_cosine_similarity``.
+Each adapter module provides ``forward(call)`` and ``vjp(grad, call)``, taking
+a validated :class:`polycos._validate.Call` (and, for ``vjp``, an upstream
+gradient of the result's dtype that broadcasts to the result's shape).
 """
 
 from __future__ import annotations
