@@ -61,6 +61,8 @@ class _Blocks:
         if not array_api_compat.is_numpy_namespace(call.xp):
             return None
         shape = call.shape
+        if math.prod(shape) == 0:
+            return None
         others = [k for k in range(len(shape)) if k != call.axis]
         if not others:
             return None
@@ -80,25 +82,29 @@ class _Blocks:
         return x[(slice(None),) * k + (slice(lo, hi),)]
 
     def put(self, out: Any, lo: int, hi: int, value: Any) -> None:
+        """Store a block's gradient: its rows, or add it where ``out`` is broadcast along ``k``."""
         k = self.k - (len(self.shape) - out.ndim)
         if k < 0 or out.shape[k] == 1:
-            out += value if value.shape == out.shape else _core.sum_to_shape(self.xp, value, out.shape)
+            out += _core.sum_to_shape(self.xp, value, out.shape)
         else:
-            out[(slice(None),) * k + (slice(lo, hi),)] = value
+            rows = (slice(None),) * k + (slice(lo, hi),)
+            out[rows] = _core.sum_to_shape(self.xp, value, out[rows].shape)
 
-    def dots(self, x1: Any, x2: Any, axis: int) -> tuple[Any, Any, Any]:
+    def dots(self, x1: Any, x2: Any, axis: int, compensated: bool) -> tuple[Any, ...]:
         """:func:`polycos._core.dots` block by block, in the accumulation dtype."""
         xp = self.xp
         acc = _core.accumulation_dtype(xp, x1.dtype, x1)
-        keep = tuple(1 if i == axis else d for i, d in enumerate(self.shape))
-        shapes = (keep, _keep(x1.shape, axis), _keep(x2.shape, axis))
-        out = tuple(xp.empty(s, dtype=acc) for s in shapes)
+        parts = []
         for lo, hi in self:
             a1 = xp.astype(self.take(x1, lo, hi), acc, copy=False)
             a2 = xp.astype(self.take(x2, lo, hi), acc, copy=False)
-            for o, w in zip(out, _core.dots(xp, a1, a2, axis), strict=True):
-                self.put(o, lo, hi, w) if o.shape[self.k] != 1 else _assign(o, w)
-        return out  # type: ignore[return-value]
+            parts.append(_core.dots(xp, a1, a2, axis, compensated=compensated))
+        # <x1,x2> has a row per block row; <x1,x1> only if x1 is not broadcast along k.
+        along = [True, x1.shape[self.k] != 1, x2.shape[self.k] != 1] * 2
+        return tuple(
+            xp.concat(ws, axis=self.k) if full else ws[0]
+            for ws, full in zip(zip(*parts, strict=True), along, strict=False)
+        )
 
     def elementwise(self, x1: Any, x2: Any, coefs: _core.GradCoefficients) -> tuple[Any, Any]:
         """:func:`polycos._core.grad_elementwise` block by block."""
@@ -114,14 +120,6 @@ class _Blocks:
             self.put(g1, lo, hi, b1)
             self.put(g2, lo, hi, b2)
         return g1, g2
-
-
-def _keep(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
-    return tuple(1 if i == axis else d for i, d in enumerate(shape))
-
-
-def _assign(out: Any, value: Any) -> None:
-    out[...] = value
 
 
 def forward(call: Call) -> Any:

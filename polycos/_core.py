@@ -84,6 +84,11 @@ def _has_float64(xp: Any, like: Array) -> bool:
 
 
 def _dtype_name(dtype: Any) -> str:
+    """``"float32"`` for a NumPy/JAX dtype or scalar type, a torch or array-api-strict dtype."""
+    for attr in ("name", "__name__"):
+        name = getattr(dtype, attr, None)
+        if isinstance(name, str):
+            return name
     return str(dtype).rsplit(".", 1)[-1]
 
 
@@ -132,29 +137,83 @@ def _clamp_unit(xp: Any, s: Array) -> Array:
     return xp.where(s < -one, -one, s)
 
 
+def _keepdims_shape(shape: tuple, axis: int) -> tuple:
+    return tuple(1 if i == axis else d for i, d in enumerate(shape))
+
+
 def _scale(xp: Any, a: Array, axis: int) -> tuple[Array, Array]:
     """``(a / m, m)`` with ``m = max|a|`` along ``axis``; ``m = 1`` for zero or non-finite rows."""
+    if a.shape[axis] == 0:
+        return a, xp.ones(_keepdims_shape(a.shape, axis), dtype=a.dtype)
     m = xp.max(xp.abs(a), axis=axis, keepdims=True)
     ok = (m > 0) & (m < float("inf"))
     m = xp.where(ok, m, xp.ones_like(m))
     return a / m, m
 
 
-Dots = Callable[[Array, Array, int], "tuple[Array, Array, Array]"]
+Dots = Callable[[Array, Array, int, bool], "tuple[Array, ...]"]
 Elementwise = Callable[[Array, Array, "GradCoefficients"], "tuple[Array, Array]"]
 
 
-def dots(xp: Any, a1: Array, a2: Array, axis: int) -> tuple[Array, Array, Array]:
+def dots(
+    xp: Any, a1: Array, a2: Array, axis: int, *, compensated: bool = False
+) -> tuple[Array, Array, Array]:
     """The three reductions ``(<a1,a2>, <a1,a1>, <a2,a2>)`` along ``axis``, keepdims.
 
     This is the only pass over the inputs in the forward; backends may replace
-    it with a faster native evaluation of the same three sums (``dots=``).
+    it with a faster native evaluation of the same three sums (``native_dots``).
+    ``compensated=True`` evaluates them in about twice the working precision
+    and also returns their remainders: ``(w12, w11, w22, l12, l11, l22)`` (see
+    :func:`accurate_dot`); used when no wider accumulation dtype exists.
     """
+    if compensated:
+        pairs = [accurate_dot(xp, u, v, axis) for u, v in ((a1, a2), (a1, a1), (a2, a2))]
+        return tuple(xp.expand_dims(w, axis=axis) for w in (*(h for h, _ in pairs), *(lo for _, lo in pairs)))
     neg = axis - a1.ndim  # vecdot takes a negative axis
     w12 = xp.vecdot(a1, a2, axis=neg)
     w11 = xp.vecdot(a1, a1, axis=neg)
     w22 = xp.vecdot(a2, a2, axis=neg)
     return tuple(xp.expand_dims(w, axis=axis) for w in (w12, w11, w22))  # type: ignore[return-value]
+
+
+def _split(x: Array, factor: float) -> tuple[Array, Array]:
+    """Dekker's split ``x = hi + lo`` with ``hi`` holding the upper half of the significand."""
+    c = x * factor
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def accurate_dot(xp: Any, a: Array, b: Array, axis: int) -> tuple[Array, Array]:
+    r"""``<a, b>`` along ``axis`` in about twice the working precision, as ``hi + lo``.
+
+    Ogita, Rump and Oishi's *Dot2* ("Accurate sum and dot product", SIAM J.
+    Sci. Comput. 26, 2005), vectorised: every product is split exactly into
+    :math:`p + e` (Dekker's TwoProduct, no FMA needed), and the products are
+    summed by a pairwise tree of Knuth's error-free TwoSum whose rounding
+    errors are collected and added back. The result is as accurate as if
+    computed in twice the precision: ``hi`` is that value rounded and ``lo``
+    the (approximate) remainder, both without keepdims. Needs ``|a|, |b|`` well
+    below ``sqrt(max)`` (true after rescaling). No value-dependent branching.
+    """
+    name = _dtype_name(a.dtype)
+    factor = 134217729.0 if name == "float64" else 4097.0  # 2**ceil(p/2) + 1
+    a, b = xp.broadcast_arrays(a, b)
+    p = xp.moveaxis(a * b, axis, -1)
+    ah, al = _split(xp.moveaxis(a, axis, -1), factor)
+    bh, bl = _split(xp.moveaxis(b, axis, -1), factor)
+    err = xp.sum(((ah * bh - p) + ah * bl + al * bh) + al * bl, axis=-1)
+    while p.shape[-1] > 1:
+        if p.shape[-1] % 2:
+            pad = xp.zeros((*p.shape[:-1], 1), dtype=p.dtype)
+            p = xp.concat([p, pad], axis=-1)
+        u, v = p[..., 0::2], p[..., 1::2]
+        s = u + v
+        vv = s - u
+        err = err + xp.sum((u - (s - vv)) + (v - vv), axis=-1)
+        p = s
+    p = xp.sum(p, axis=-1)  # the one remaining term (0 for an empty axis)
+    hi = p + err
+    return hi, err - (hi - p)  # Fast2Sum: |err| <= |p| up to rounding
 
 
 def _stats(
@@ -169,54 +228,82 @@ def _stats(
     """``(s, n1, n2)``, keepdims, in the accumulation dtype."""
     acc = accumulation_dtype(xp, x1.dtype, x1)
     rescale = needs_rescaling(xp, x1.dtype, acc)
+    compensated = _dtype_name(acc) == _dtype_name(x1.dtype)  # nothing wider to accumulate in
 
     def upcast(x: Array) -> Array:
         return xp.astype(x, acc, copy=False)
 
+    def split(ws: tuple) -> tuple[Array, ...]:
+        """``(w12, w11, w22, l12, l11, l22)``: sums and their remainders (0 if exact enough)."""
+        if len(ws) == 6:
+            return ws
+        zero = xp.zeros((1,) * x1.ndim, dtype=acc)
+        return (*ws, zero, zero, zero)
+
     def unscaled() -> tuple[Array, ...]:
         if native_dots is not None:
-            w12, w11, w22 = native_dots(x1, x2, axis)
+            ws = native_dots(x1, x2, axis, compensated)
         else:
-            w12, w11, w22 = dots(xp, upcast(x1), upcast(x2), axis)
+            ws = dots(xp, upcast(x1), upcast(x2), axis, compensated=compensated)
         one = xp.ones((1,) * x1.ndim, dtype=acc)
-        return w12, w11, w22, one, one
+        return (*split(ws), one, one)
 
     def scaled() -> tuple[Array, ...]:
         b1, m1 = _scale(xp, upcast(x1), axis)
         b2, m2 = _scale(xp, upcast(x2), axis)
-        return (*dots(xp, b1, b2, axis), m1, m2)
+        return (*split(dots(xp, b1, b2, axis, compensated=compensated)), m1, m2)
 
     if not rescale:
-        w12, w11, w22, m1, m2 = unscaled()
+        parts = unscaled()
     elif eager:
-        w12, w11, w22, m1, m2 = unscaled()
-        if _any_out_of_range(xp, w11, x1, axis) or _any_out_of_range(xp, w22, x2, axis):
-            w12, w11, w22, m1, m2 = scaled()
+        parts = unscaled()
+        bad1, bad2 = _out_of_range(xp, parts[1], x1, axis), _out_of_range(xp, parts[2], x2, axis)
+        if bool(xp.any(bad1)) or bool(xp.any(bad2)):
+            # Only the offending rows take the scaled values: the others keep
+            # exactly the bits they have without a bad row beside them (G6).
+            bad = bad1 | bad2
+            parts = tuple(xp.where(bad, s, u) for s, u in zip(scaled(), parts, strict=True))
     else:
-        w12, w11, w22, m1, m2 = scaled()
+        parts = scaled()
+    w12, w11, w22, l12, l11, l22, m1, m2 = parts
 
     n1s, n2s = xp.sqrt(w11), xp.sqrt(w22)
     # max(n, eps) in scaled units: max(n_s * m, eps) / m == max(n_s, eps / m)
-    c1s = xp.maximum(n1s, eps / m1)
-    c2s = xp.maximum(n2s, eps / m2)
-    s = _clamp_unit(xp, _safe_divide(xp, w12, c1s * c2s))
+    e1, e2 = eps / m1, eps / m2
+    above1, above2 = n1s > e1, n2s > e2
+    # Above eps, sqrt(w11 * w22) rounds once where n1 * n2 rounds three times, and
+    # gives s(x, x) == 1 exactly (sqrt(fl(w * w)) == w). In range by construction.
+    den = xp.where(
+        above1 & above2, xp.sqrt(w11 * w22), xp.maximum(n1s, e1) * xp.maximum(n2s, e2)
+    )
+    s = _safe_divide(xp, w12, den)
+    if compensated:
+        # First-order correction by the remainders lo of the compensated sums:
+        # (w12 + l12) / (den * (1 + l11 / (2 w11) + l22 / (2 w22))).
+        zero = xp.zeros_like(s)
+        rel = xp.where(above1, _safe_divide(xp, l11, 2 * w11), zero) + xp.where(
+            above2, _safe_divide(xp, l22, 2 * w22), zero
+        )
+        s = s + (_safe_divide(xp, l12, den) - s * rel)
+    s = _clamp_unit(xp, s)
     return Residuals(s, n1s * m1, n2s * m2)
 
 
-def _any_out_of_range(xp: Any, w: Array, a: Array, axis: int) -> bool:
-    """Some sum of squares overflowed, or is so small that its terms lost precision.
+def _out_of_range(xp: Any, w: Array, a: Array, axis: int) -> Array:
+    """Rows whose sum of squares overflowed, or is so small its terms lost precision.
 
-    Exactly-zero sums are suspects too (every square may have underflowed);
-    they are out of range only if the row is not all zeros, which costs a
-    ``max|a|`` pass, taken only when a suspect exists.
+    Out-of-range sums are only suspects: an all-zero row is fine as it is.
+    Telling the two apart costs a ``max|a|`` pass, taken only when a suspect exists.
     """
     info = xp.finfo(w.dtype)
-    tiny = float(info.smallest_normal) / float(info.eps)
-    suspect = (w == float("inf")) | (w < tiny)
-    if not bool(xp.any(suspect)):
-        return False
-    nonzero = xp.max(xp.abs(a), axis=axis, keepdims=True) > 0
-    return bool(xp.any(suspect & nonzero))
+    # Keep w11 * w22 normal and finite, and every square's rounding error
+    # (relative to w) far below eps: sqrt(tiny) / eps <= w <= sqrt(max) / 4.
+    lo = float(info.smallest_normal) ** 0.5 / float(info.eps)
+    hi = float(info.max) ** 0.5 / 4
+    suspect = ~((w >= lo) & (w <= hi))  # NaN too: a split may overflow on huge finite input
+    if a.shape[axis] == 0 or not bool(xp.any(suspect)):
+        return xp.zeros_like(suspect)
+    return suspect & (xp.max(xp.abs(a), axis=axis, keepdims=True) > 0)
 
 
 def forward(

@@ -1,0 +1,461 @@
+"""Property-testing tools: Hypothesis strategies, an exact reference, cross-backend asserts.
+
+The same tools polycos' own test suite uses, public so you can property-test
+code built on cosine similarity across array libraries.
+
+* :func:`cosine_inputs` draws ``(x1, x2, dim, eps)`` for any array namespace:
+  broadcast-compatible shapes (0-d, size-0 and size-1 dims included), and the
+  hard cases — zero rows, tiny and huge scales, nearly parallel and nearly
+  orthogonal vectors, NaN/inf rows.
+* :func:`reference` and :func:`reference_vjp` evaluate the definition in
+  extended precision (``numpy.longdouble``: float64 inputs get more than
+  float64 accuracy where the platform has it; float32 and narrower are exact
+  to far below their ulp).
+* :func:`assert_matches_reference`, :func:`assert_vjp_matches_reference` and
+  :func:`assert_backends_agree` check results against that reference.
+
+Examples
+--------
+>>> import numpy as np
+>>> from hypothesis import given, settings
+>>> import polycos
+>>> from polycos.testing import cosine_inputs, assert_matches_reference
+>>> @settings(max_examples=20, deadline=None)
+... @given(cosine_inputs(np, dtypes=("float32",)))
+... def test_polycos_matches_reference(case):
+...     s = polycos.cosine_similarity(case.x1, case.x2, case.dim, case.eps)
+...     assert_matches_reference(s, case.x1, case.x2, case.dim, case.eps)
+>>> test_polycos_matches_reference()
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CosineCase",
+    "assert_backends_agree",
+    "assert_matches_reference",
+    "assert_vjp_matches_reference",
+    "available_backends",
+    "cosine_inputs",
+    "from_numpy",
+    "reference",
+    "reference_vjp",
+    "to_numpy",
+]
+
+_EXT = np.longdouble  # extended precision where the platform has it (80-bit on x86-64)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy any supported array (NumPy, torch, JAX, CuPy, dask, array-api-strict) to NumPy."""
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            return x.float().numpy()
+        return x.numpy().copy()
+    if mod == "cupy":
+        return x.get()
+    if mod == "dask":
+        return np.asarray(x.compute())
+    if mod == "array_api_strict":
+        return np.from_dlpack(x).copy()
+    if mod in ("jax", "jaxlib") and "bfloat16" in str(x.dtype):
+        return np.asarray(x.astype("float32"))
+    return np.array(x, copy=True)
+
+
+def from_numpy(xp: Any, a: np.ndarray, dtype: str | None = None) -> Any:
+    """``a`` as an array of namespace ``xp`` (``dtype`` by name, e.g. ``"bfloat16"``)."""
+    dtype = dtype or a.dtype.name
+    name = getattr(xp, "__name__", "")
+    if "torch" in name:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64 if dtype == "bfloat16" else None)).to(getattr(torch, dtype))
+    if "dask" in name:
+        import dask.array as da
+
+        return da.from_array(np.asarray(a, dtype=dtype), chunks=-1)
+    if "jax" in name:
+        import jax.numpy as jnp
+
+        return jnp.asarray(a, dtype=getattr(jnp, dtype))
+    if "cupy" in name:
+        import cupy
+
+        return cupy.asarray(a, dtype=dtype)
+    if name == "numpy" or "array_api_compat.numpy" in name:
+        return np.asarray(a, dtype=dtype)
+    return xp.asarray(np.asarray(a), dtype=getattr(xp, dtype))
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _prepare(x1: Any, x2: Any, dim: int) -> tuple[np.ndarray, np.ndarray, int, tuple]:
+    a1, a2 = to_numpy(x1).astype(_EXT), to_numpy(x2).astype(_EXT)
+    shape = np.broadcast_shapes(a1.shape, a2.shape)
+    nd = max(len(shape), 1)
+    if not -nd <= dim < nd:
+        raise IndexError(f"dim={dim} out of range for shape {shape}")
+    dim %= nd
+    if not shape:
+        a1, a2, shape = a1.reshape(1), a2.reshape(1), (1,)
+    return np.broadcast_to(a1, shape), np.broadcast_to(a2, shape), dim, shape
+
+
+def _norm(a: np.ndarray, dim: int) -> np.ndarray:
+    # Scaled like nrm2, so even longdouble never overflows or underflows.
+    m = np.max(np.abs(a), axis=dim, keepdims=True) if a.shape[dim] else np.zeros(())
+    m = np.where((m > 0) & np.isfinite(m), m, 1)
+    return np.sqrt(np.sum((a / m) ** 2, axis=dim, keepdims=True)) * m
+
+
+def _stats(a1: np.ndarray, a2: np.ndarray, dim: int, eps: float) -> tuple[np.ndarray, ...]:
+    with np.errstate(all="ignore"):
+        n1, n2 = _norm(a1, dim), _norm(a2, dim)
+        c1, c2 = np.maximum(n1, eps), np.maximum(n2, eps)
+        u1 = np.where(c1 == 0, 0, a1 / np.where(c1 == 0, 1, c1))  # NaN norms stay NaN
+        u2 = np.where(c2 == 0, 0, a2 / np.where(c2 == 0, 1, c2))
+        s = np.clip(np.sum(u1 * u2, axis=dim, keepdims=True), -1, 1)
+        s = np.where(np.isnan(s), np.nan, s)
+    return s, n1, n2, c1, c2
+
+
+def reference(x1: Any, x2: Any, dim: int = 1, eps: float = 1e-8) -> np.ndarray:
+    """The definition (spec section 2) in extended precision, as a float64 NumPy array.
+
+    Inputs of any supported library are copied to NumPy first. Normalising by
+    ``max(||x||, eps)`` before the dot product keeps every intermediate in range.
+
+    >>> import numpy as np
+    >>> reference(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[5.0, 6.0], [7.0, 8.0]]), dim=0).round(4)
+    array([0.9558, 0.9839])
+    """
+    a1, a2, dim, _shape = _prepare(x1, x2, dim)
+    s = _stats(a1, a2, dim, eps)[0]
+    out_shape = tuple(d for i, d in enumerate(np.broadcast_shapes(np.shape(to_numpy(x1)), np.shape(to_numpy(x2)))) if i != dim)
+    return np.asarray(np.squeeze(s, axis=dim), dtype=np.float64).reshape(out_shape)
+
+
+def _sum_to(g: np.ndarray, shape: tuple) -> np.ndarray:
+    lead = g.ndim - len(shape)
+    g = g.sum(axis=tuple(range(lead))) if lead else g
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
+
+
+def reference_vjp(
+    grad: Any, x1: Any, x2: Any, dim: int = 1, eps: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact VJP (spec section 2.5) in extended precision, as float64 NumPy arrays.
+
+    >>> import numpy as np
+    >>> g1, g2 = reference_vjp(np.ones(1), np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]))
+    >>> g1.round(4)
+    array([[0.    , 0.7071]])
+    """
+    shape1, shape2 = np.shape(to_numpy(x1)), np.shape(to_numpy(x2))
+    a1, a2, dim, shape = _prepare(x1, x2, dim)
+    s, n1, n2, c1, c2 = _stats(a1, a2, dim, eps)
+    g = np.expand_dims(np.broadcast_to(to_numpy(grad).astype(_EXT), tuple(d for i, d in enumerate(shape) if i != dim)), dim)
+    with np.errstate(all="ignore"):
+        inv1 = np.where(c1 == 0, 0, 1 / np.where(c1 == 0, 1, c1))  # NaN stays NaN
+        inv2 = np.where(c2 == 0, 0, 1 / np.where(c2 == 0, 1, c2))
+        q1 = np.where(n1 > eps, s / np.where(n1 > 0, n1, 1), 0)
+        q2 = np.where(n2 > eps, s / np.where(n2 > 0, n2, 1), 0)
+        g1 = g * inv1 * (a2 * inv2 - q1 * a1)
+        g2 = g * inv2 * (a1 * inv1 - q2 * a2)
+    g1 = _sum_to(g1, (1,) * (len(shape) - len(shape1)) + shape1 if shape1 else (1,))
+    g2 = _sum_to(g2, (1,) * (len(shape) - len(shape2)) + shape2 if shape2 else (1,))
+    return g1.astype(np.float64).reshape(shape1), g2.astype(np.float64).reshape(shape2)
+
+
+# --------------------------------------------------------------------------- asserts
+
+
+def _ulp_one(dtype_name: str) -> float:
+    """ulp(1.0) of a floating dtype by name (bfloat16 included)."""
+    bits = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
+    return 2.0 ** -bits[dtype_name]
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype).rsplit(".", 1)[-1]
+
+
+def assert_matches_reference(
+    result: Any, x1: Any, x2: Any, dim: int = 1, eps: float = 1e-8, *, ulps: float = 1.0
+) -> None:
+    """Assert ``result`` is within ``ulps`` × ulp(1.0) of the exact value, elementwise.
+
+    Also asserts ``|result| <= 1``, the broadcast result shape, and NaN exactly
+    where the reference is NaN. ``ulp(1.0)`` is that of ``result``'s dtype.
+    """
+    r = to_numpy(result).astype(np.float64)
+    ref = reference(x1, x2, dim, eps)
+    assert r.shape == ref.shape, f"shape {r.shape} != expected {ref.shape}"
+    nan_r, nan_ref = np.isnan(r), np.isnan(ref)
+    assert np.array_equal(nan_r, nan_ref), (
+        f"NaN at {np.argwhere(nan_r != nan_ref)[:5].tolist()} differs from the reference"
+    )
+    ok = ~nan_ref
+    assert np.all(np.abs(r[ok]) <= 1.0), f"|s| > 1: max {np.max(np.abs(r[ok]))!r}"
+    if ok.any():
+        err = np.max(np.abs(r[ok] - ref[ok]))
+        tol = ulps * _ulp_one(_dtype_name(result))
+        assert err <= tol, f"error {err:.3g} = {err / _ulp_one(_dtype_name(result)):.3g} ulp(1) > {ulps} ulp(1)"
+
+
+def assert_vjp_matches_reference(
+    grads: tuple[Any, Any],
+    grad: Any,
+    x1: Any,
+    x2: Any,
+    dim: int = 1,
+    eps: float = 1e-8,
+    *,
+    ulps: float = 32.0,
+) -> None:
+    """Assert gradients match :func:`reference_vjp` to ``ulps`` × ulp(1.0) of the row's scale.
+
+    The scale of a row of ``dL/dx1`` is ``|g| / max(||x1||, eps)`` (an upper bound
+    on its entries up to a factor 2), summed over broadcast rows.
+    """
+    refs = reference_vjp(grad, x1, x2, dim, eps)
+    a1, a2, d, shape = _prepare(x1, x2, dim)
+    _, _, _, c1, c2 = _stats(a1, a2, d, eps)
+    g = np.abs(np.expand_dims(np.broadcast_to(to_numpy(grad).astype(np.float64), tuple(n for i, n in enumerate(shape) if i != d)), d))
+    for name, got, ref, c, x in (("x1", grads[0], refs[0], c1, x1), ("x2", grads[1], refs[1], c2, x2)):
+        got_np = to_numpy(got).astype(np.float64)
+        assert got_np.shape == ref.shape, f"grad of {name}: shape {got_np.shape} != {ref.shape}"
+        with np.errstate(all="ignore"):
+            scale = np.broadcast_to(np.where(c > 0, g / np.where(c > 0, c, 1), 0).astype(np.float64), shape)
+        xs = np.shape(to_numpy(x))
+        scale = _sum_to(np.asarray(scale), (1,) * (len(shape) - len(xs)) + xs if xs else (1,)).reshape(xs)
+        tol = ulps * _ulp_one(_dtype_name(got)) * (2 * scale + np.finfo(np.float64).tiny)
+        finite = np.isfinite(ref)
+        assert np.array_equal(np.isnan(got_np), np.isnan(ref)), f"grad of {name}: NaN pattern differs"
+        bad = np.abs(got_np - ref) > tol
+        bad &= finite
+        assert not bad.any(), (
+            f"grad of {name} differs from the reference at {np.argwhere(bad)[:3].tolist()}: "
+            f"got {got_np[bad][:3]}, expected {ref[bad][:3]}"
+        )
+
+
+def available_backends() -> dict[str, Callable[[np.ndarray], Any]]:
+    """Installed array libraries polycos supports here, as ``name -> from_numpy``."""
+    out: dict[str, Callable[[np.ndarray], Any]] = {"numpy": lambda a: np.array(a)}
+    if importlib.util.find_spec("array_api_strict"):
+        import array_api_strict as xs
+
+        out["array_api_strict"] = lambda a: from_numpy(xs, a)
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        out["torch"] = lambda a: from_numpy(torch, a)
+    if importlib.util.find_spec("jax"):
+        import jax.numpy as jnp
+
+        out["jax"] = lambda a: from_numpy(jnp, a)
+    if importlib.util.find_spec("dask"):
+        import dask.array as da
+
+        out["dask"] = lambda a: from_numpy(da, a)
+    if importlib.util.find_spec("cupy"):
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                out["cupy"] = lambda a: from_numpy(cupy, a)
+        except Exception:
+            pass
+    return out
+
+
+def assert_backends_agree(
+    x1: np.ndarray,
+    x2: np.ndarray,
+    dim: int = 1,
+    eps: float = 1e-8,
+    *,
+    backends: Sequence[str] | None = None,
+    ulps: float = 1.0,
+) -> None:
+    """Run ``polycos.cosine_similarity`` on every installed backend and check them all.
+
+    Each backend must return its own array type, and match the exact reference
+    to ``ulps`` × ulp(1.0); so all backends agree with each other to twice that.
+    The same holds for :func:`polycos.cosine_similarity_vjp`.
+    """
+    import polycos
+
+    found = available_backends()
+    names = list(backends) if backends is not None else list(found)
+    grad = np.linspace(-1.0, 1.0, num=max(1, int(np.prod(reference(x1, x2, dim, eps).shape)))).reshape(
+        reference(x1, x2, dim, eps).shape
+    ).astype(x1.dtype if x1.dtype == x2.dtype else np.result_type(x1, x2))
+    for name in names:
+        convert = found[name]
+        a1, a2 = convert(x1), convert(x2)
+        s = polycos.cosine_similarity(a1, a2, dim, eps)
+        assert type(s).__module__.split(".")[0] == type(a1).__module__.split(".")[0], (
+            f"{name}: result is {type(s).__name__}, not the input's array type"
+        )
+        assert_matches_reference(s, x1, x2, dim, eps, ulps=ulps)
+        g = polycos.cosine_similarity_vjp(convert(grad), a1, a2, dim, eps)
+        assert_vjp_matches_reference(g, grad, x1, x2, dim, eps)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass(frozen=True)
+class CosineCase:
+    """One drawn call: ``cosine_similarity(x1, x2, dim, eps)``; ``kind`` names the hard case."""
+
+    x1: Any
+    x2: Any
+    dim: int
+    eps: float
+    kind: str
+
+
+#: The hard cases :func:`cosine_inputs` mixes in.
+KINDS = ("random", "zero_rows", "scaled", "parallel", "orthogonal", "nonfinite")
+
+
+def cosine_inputs(
+    xp: Any = np,
+    *,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    kinds: Sequence[str] = KINDS,
+    min_dims: int = 0,
+    max_dims: int = 3,
+    min_side: int = 0,
+    max_side: int = 6,
+    eps: Any = None,
+    scales: tuple[float, float] | None = None,
+) -> Any:
+    """Hypothesis strategy of :class:`CosineCase` for the array namespace ``xp``.
+
+    Parameters
+    ----------
+    xp : namespace
+        ``numpy``, ``torch``, ``jax.numpy``, ``cupy``, ``dask.array``,
+        ``array_api_strict`` (arrays are drawn with ``hypothesis.extra.array_api``
+        on NumPy and converted).
+    dtypes : sequence of str
+        Floating dtypes to draw from (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``).
+    kinds : sequence of str
+        Hard cases to mix in (see :data:`KINDS`): rows zeroed, rows scaled by
+        tiny/huge powers of two, nearly parallel or nearly orthogonal pairs,
+        rows holding NaN or inf.
+    min_dims, max_dims, min_side, max_side : int
+        Bounds of the two mutually broadcastable shapes (0-d and size-0 allowed by default).
+    eps : strategy of float, optional
+        Default: ``1e-8``, ``0``, or a value near the drawn norms.
+    scales : (float, float), optional
+        Range of the row scale factors for ``"scaled"``; default: the widest
+        range safe for the dtype's exponent range.
+    """
+    from hypothesis import strategies as st
+    from hypothesis.extra.array_api import make_strategies_namespace
+
+    xps = make_strategies_namespace(np)
+
+    @st.composite
+    def draw_case(draw: Any) -> CosineCase:
+        dtype = draw(st.sampled_from(list(dtypes)))
+        shapes = draw(
+            xps.mutually_broadcastable_shapes(
+                2, min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side
+            )
+        )
+        bshape = shapes.result_shape
+        nd = max(len(bshape), 1)
+        dim = draw(st.integers(-nd, nd - 1))
+        store = "float64" if dtype == "float64" else "float32"  # float16 is not array-API
+        elements = st.floats(-8, 8, width=16 if dtype == "float16" else 32, allow_subnormal=False)
+        x1 = draw(xps.arrays(np.dtype(store), shapes.input_shapes[0], elements=elements)).astype(np.float64)
+        x2 = draw(xps.arrays(np.dtype(store), shapes.input_shapes[1], elements=elements)).astype(np.float64)
+        kind = draw(st.sampled_from(list(kinds)))
+        x1, x2 = _apply_kind(draw, kind, x1, x2, dim % nd, len(bshape), dtype, scales)
+        e = draw(eps) if eps is not None else draw(st.sampled_from([1e-8, 0.0, 0.5]))
+        x1 = _round_to(x1, dtype)
+        x2 = _round_to(x2, dtype)
+        if xp is np:
+            return CosineCase(x1.astype(dtype), x2.astype(dtype), dim, e, kind)
+        return CosineCase(from_numpy(xp, x1, dtype), from_numpy(xp, x2, dtype), dim, e, kind)
+
+    return draw_case()
+
+
+def _round_to(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # round-to-nearest-even to 8 significant bits, kept as float32
+        b = np.asarray(a, dtype=np.float32).view(np.uint32)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+        return b.view(np.float32).astype(np.float64)
+    with np.errstate(over="ignore"):
+        return np.asarray(a, dtype=dtype).astype(np.float64)
+
+
+def _row_mask(draw: Any, x: np.ndarray, dim: int, nd: int) -> np.ndarray:
+    """A boolean mask over ``x``'s rows (size 1 along the reduced axis)."""
+    from hypothesis import strategies as st
+
+    k = dim - (nd - x.ndim)
+    shape = tuple(1 if i == k else d for i, d in enumerate(x.shape))
+    n = int(np.prod(shape))
+    bits = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    return np.array(bits, dtype=bool).reshape(shape)
+
+
+def _apply_kind(
+    draw: Any, kind: str, x1: np.ndarray, x2: np.ndarray, dim: int, nd: int, dtype: str,
+    scales: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    from hypothesis import strategies as st
+
+    if kind == "zero_rows":
+        return np.where(_row_mask(draw, x1, dim, nd), 0.0, x1), x2
+    if kind == "scaled":
+        info = {"float16": (-14, 12), "bfloat16": (-120, 120), "float32": (-120, 120), "float64": (-1000, 1000)}[dtype]
+        lo, hi = (np.log2(scales[0]), np.log2(scales[1])) if scales else info
+        e1 = draw(st.integers(int(lo), int(hi)))
+        e2 = draw(st.integers(int(lo), int(hi)))
+        return np.ldexp(x1, e1), np.ldexp(x2, e2)
+    if kind == "parallel" and np.broadcast_shapes(x1.shape, x2.shape) == x2.shape:
+        c = draw(st.sampled_from([1.0, -1.0, 3.0, 1e-3]))
+        noise = draw(st.sampled_from([0.0, 1e-6, 1e-3]))
+        return x1, np.broadcast_to(x1, x2.shape) * c + noise * x2
+    if kind == "orthogonal" and x1.shape == x2.shape:
+        with np.errstate(all="ignore"):
+            n = np.sum(x1 * x1, axis=dim, keepdims=True)
+            proj = np.where(n > 0, np.sum(x1 * x2, axis=dim, keepdims=True) / np.where(n > 0, n, 1), 0)
+        return x1, x2 - proj * x1
+    if kind == "nonfinite" and x1.size:
+        bad = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        mask = _row_mask(draw, x1, dim, nd)
+        first = np.zeros(x1.shape, dtype=bool)
+        k = dim - (nd - x1.ndim)
+        if 0 <= k < x1.ndim and x1.shape[k] > 0:
+            idx = [slice(None)] * x1.ndim
+            idx[k] = slice(0, 1)
+            first[tuple(idx)] = True
+        elif not 0 <= k < x1.ndim:
+            first[...] = True
+        return np.where(mask & first, bad, x1), x2
+    return x1, x2
