@@ -107,15 +107,20 @@ class _Blocks:
         )
 
     def elementwise(self, x1: Any, x2: Any, coefs: _core.GradCoefficients) -> tuple[Any, Any]:
-        """:func:`polycos._core.grad_elementwise` block by block."""
+        """:func:`polycos._core.grad_elementwise` block by block, in place where possible."""
         xp = self.xp
         work = coefs.u1.dtype
-        g1 = (xp.zeros if x1.shape[self.k] == 1 else xp.empty)(x1.shape, dtype=work)
-        g2 = (xp.zeros if x2.shape[self.k] == 1 else xp.empty)(x2.shape, dtype=work)
+        shape = tuple(self.shape)
+        direct = tuple(x.shape == shape and x.dtype == work for x in (x1, x2))
+        g1 = xp.empty(x1.shape, dtype=work) if direct[0] else xp.zeros(x1.shape, dtype=work)
+        g2 = xp.empty(x2.shape, dtype=work) if direct[1] else xp.zeros(x2.shape, dtype=work)
         for lo, hi in self:
-            k = _core.GradCoefficients(*(self.take(c, lo, hi) for c in coefs))
+            k = coefs._replace(**{f: self.take(getattr(coefs, f), lo, hi) for f in coefs._fields[:-1]})
             w1 = xp.astype(self.take(x1, lo, hi), work, copy=False)
             w2 = xp.astype(self.take(x2, lo, hi), work, copy=False)
+            if all(direct):  # both inputs have the full shape: write the rows in place
+                _core.grad_elementwise(xp, w1, w2, k, out=(self.take(g1, lo, hi), self.take(g2, lo, hi)))
+                continue
             b1, b2 = _core.grad_elementwise(xp, w1, w2, k)
             self.put(g1, lo, hi, b1)
             self.put(g2, lo, hi, b2)

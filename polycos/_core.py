@@ -367,10 +367,18 @@ class GradCoefficients(NamedTuple):
     p2: Array  #: 1 / c2
     q1: Array  #: [n1 > eps] s / n1
     q2: Array  #: [n2 > eps] s / n2
+    a1: Array  #: u1 * p2 = g / (c1 c2), for the fused form g1 = a1 x2 - b1 x1
+    b1: Array  #: u1 * q1
+    a2: Array  #: u2 * p1
+    b2: Array  #: u2 * q2
+    #: True when every fused coefficient is a normal number of the work dtype
+    #: (or the row is NaN anyway): then the fused form loses nothing. Only
+    #: computed for concrete arrays (``eager=True``); ``False`` otherwise.
+    fused_ok: bool = False
 
 
 def grad_coefficients(
-    xp: Any, g: Array, residuals: Residuals, axis: int, eps: float, work: Any
+    xp: Any, g: Array, residuals: Residuals, axis: int, eps: float, work: Any, *, eager: bool = False
 ) -> GradCoefficients:
     """The VJP's per-row scalars, computed in the accumulation dtype, returned in ``work``."""
     s, n1, n2 = residuals
@@ -381,14 +389,46 @@ def grad_coefficients(
     zero = xp.zeros_like(s)
     q1 = xp.where(n1 > eps, _safe_divide(xp, s, n1), zero)
     q2 = xp.where(n2 > eps, _safe_divide(xp, s, n2), zero)
-    coefs = (ga * p1, ga * p2, p1, p2, q1, q2)
-    return GradCoefficients(*(xp.astype(t, work, copy=False) for t in coefs))
+    u1, u2 = ga * p1, ga * p2
+    fused = (u1 * p2, u1 * q1, u2 * p1, u2 * q2)
+    ok = False
+    if eager:
+        info = xp.finfo(work)
+        lo, hi = float(info.smallest_normal), float(info.max)
+        ok = all(
+            bool(xp.all(((xp.abs(f) >= lo) & (xp.abs(f) <= hi)) | (f == 0) | xp.isnan(f)))
+            for f in fused
+        )
+    coefs = (u1, u2, p1, p2, q1, q2, *fused)
+    return GradCoefficients(*(xp.astype(t, work, copy=False) for t in coefs), fused_ok=ok)
 
 
-def grad_elementwise(xp: Any, x1: Array, x2: Array, k: GradCoefficients) -> tuple[Array, Array]:
-    """The VJP's one elementwise pass (inputs already in the work dtype, broadcast shape)."""
-    g1 = k.u1 * (k.p2 * x2 - k.q1 * x1)
-    g2 = k.u2 * (k.p1 * x1 - k.q2 * x2)
+def grad_elementwise(
+    xp: Any, x1: Array, x2: Array, k: GradCoefficients, out: tuple[Array, Array] | None = None
+) -> tuple[Array, Array]:
+    """The VJP's one elementwise pass: ``g1 = u1 (p2 x2 - q1 x1)``, ``g2 = u2 (p1 x1 - q2 x2)``.
+
+    Inputs are in the work dtype with broadcast-compatible shapes. The factored
+    form never overflows or underflows where the result does not (G3). With
+    ``out`` (mutable arrays of the broadcast shape) the result is written in
+    place there, and when ``k.fused_ok`` in the cheaper fused form
+    ``g1 = a1 x2 - b1 x1`` (the same expression, multiplied out).
+    """
+    if out is None:
+        return k.u1 * (k.p2 * x2 - k.q1 * x1), k.u2 * (k.p1 * x1 - k.q2 * x2)
+    g1, g2 = out
+    if k.fused_ok:
+        g1[...] = k.a1 * x2
+        g1 -= k.b1 * x1
+        g2[...] = k.a2 * x1
+        g2 -= k.b2 * x2
+        return g1, g2
+    g1[...] = k.p2 * x2
+    g1 -= k.q1 * x1
+    g1 *= k.u1
+    g2[...] = k.p1 * x1
+    g2 -= k.q2 * x2
+    g2 *= k.u2
     return g1, g2
 
 
@@ -417,7 +457,7 @@ def vjp(
     if residuals is None:
         _, residuals = forward(xp, x1, x2, axis, eps, eager=eager, native_dots=native_dots)
     work = work_dtype(xp, x1.dtype)
-    k = grad_coefficients(xp, g, residuals, axis, eps, work)
+    k = grad_coefficients(xp, g, residuals, axis, eps, work, eager=eager)
     x1a, x2a = _align(xp, x1, x2, axis)
     if native_elementwise is not None:
         g1, g2 = native_elementwise(x1a, x2a, k)
