@@ -23,7 +23,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "thorough",
-    max_examples=2000,
+    max_examples=5000,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
