@@ -36,16 +36,24 @@ Numerics
 --------
 * **Accuracy (G2).** The three reductions :math:`\langle x_1,x_2\rangle,
   \lVert x_1\rVert^2, \lVert x_2\rVert^2` run in a wider *accumulation dtype*:
-  float32 for float16/bfloat16, float64 for float32 (when the namespace has
-  float64), float64 for float64.
+  float32 for float16/bfloat16 and float64 for float32, where products are
+  exact and rounding of the sums is far below the input's ulp. Where nothing
+  wider exists (float64; float32 without float64, e.g. JAX without x64) they
+  are *compensated* (:func:`accurate_dot`, Ogita-Rump-Oishi Dot2) and ``s``
+  gets a first-order correction from their remainders. Above ``eps`` the
+  denominator is ``sqrt(w11 * w22)``: one rounding instead of three, and
+  ``s(x, x) == 1`` exactly.
 * **Range (G3).** When the accumulation dtype cannot hold the squares of every
   finite input (bfloat16 in float32, float64 in float64, float32 without
   float64), rows whose sum of squares overflowed or fell below the normal
   range are recomputed from ``x / max|x|``, the way LAPACK's ``nrm2`` scales.
   With concrete arrays (``eager=True``) that second pass runs only if such a
   row exists; traced and lazy arrays always take the scaled path for those
-  dtypes. The VJP is written as ``(g/c1) * (x2/c2 - (s/n1) x1)`` so that no
-  intermediate overflows where the result does not.
+  dtypes; only the offending rows take the rescaled values. The VJP is
+  written as ``(g/c1) * (x2/c2 - (s/n1) x1)`` so that no intermediate
+  overflows where the result does not; on concrete arrays the multiplied-out
+  form ``a x2 - b x1`` (one multiply fewer) is used when every ``a``, ``b`` is
+  a normal number of the work dtype.
 * **Bounds (G1, G4, G6).** ``s`` is clamped with comparisons that keep NaN;
   ``0/0`` is replaced by ``0`` only where the denominator is exactly zero, so
   NaN and inf inputs still give NaN in their own output element.
