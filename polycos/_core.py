@@ -50,10 +50,12 @@ Numerics
   With concrete arrays (``eager=True``) that second pass runs only if such a
   row exists; traced and lazy arrays always take the scaled path for those
   dtypes; only the offending rows take the rescaled values. The VJP is
-  written as ``(g/c1) * (x2/c2 - (s/n1) x1)`` so that no intermediate
-  overflows where the result does not; on concrete arrays the multiplied-out
-  form ``a x2 - b x1`` (one multiply fewer) is used when every ``a``, ``b`` is
-  a normal number of the work dtype.
+  written as ``(g/c1) * (x2/c2 - [n1 > eps] s x1/c1)``: the normalised vectors
+  are bounded, so no intermediate overflows unless ``g/c`` does (norms below
+  about ``1/finfo.max``, where the gradient's own scale is not representable).
+  On concrete arrays the multiplied-out form ``a x2 - b x1`` (half the
+  arithmetic) is used when every ``a``, ``b`` is a normal number of the work
+  dtype.
 * **Bounds (G1, G4, G6).** ``s`` is clamped with comparisons that keep NaN;
   ``0/0`` is replaced by ``0`` only where the denominator is exactly zero, so
   NaN and inf inputs still give NaN in their own output element.
@@ -367,21 +369,21 @@ def sum_to_shape(xp: Any, x: Array, shape: tuple) -> Array:
 
 
 class GradCoefficients(NamedTuple):
-    """Per-row scalars of the VJP, ``g1 = u1 * (p2 * x2 - q1 * x1)`` (and 1 <-> 2)."""
+    """Per-row scalars of the VJP: ``g1 = u1 * (x2 / c2 - t1 * x1 / c1)`` (and 1 <-> 2)."""
 
     u1: Array  #: g / c1
     u2: Array  #: g / c2
-    p1: Array  #: 1 / c1  (0 for a zero vector with eps = 0)
-    p2: Array  #: 1 / c2
-    q1: Array  #: [n1 > eps] s / n1
-    q2: Array  #: [n2 > eps] s / n2
-    a1: Array  #: u1 * p2 = g / (c1 c2), for the fused form g1 = a1 x2 - b1 x1
-    b1: Array  #: u1 * q1
-    a2: Array  #: u2 * p1
-    b2: Array  #: u2 * q2
-    #: True when every fused coefficient is a normal number of the work dtype
-    #: (or the row is NaN anyway): then the fused form loses nothing. Only
-    #: computed for concrete arrays (``eager=True``); ``False`` otherwise.
+    c1: Array  #: max(n1, eps) as a divisor (1 where it is 0: then x1 is a zero vector)
+    c2: Array  #: max(n2, eps) as a divisor
+    t1: Array  #: [n1 > eps] s
+    t2: Array  #: [n2 > eps] s
+    a1: Array  #: g / (c1 c2), for the multiplied-out form g1 = a1 x2 - b1 x1
+    b1: Array  #: [n1 > eps] g s / (n1 c1)
+    a2: Array  #: g / (c1 c2)
+    b2: Array  #: [n2 > eps] g s / (n2 c2)
+    #: True when every multiplied-out coefficient is a normal number of the work
+    #: dtype (or NaN): then that form loses nothing. Only computed for concrete
+    #: arrays (``eager=True``); ``False`` otherwise.
     fused_ok: bool = False
 
 
@@ -391,52 +393,51 @@ def grad_coefficients(
     """The VJP's per-row scalars, computed in the accumulation dtype, returned in ``work``."""
     s, n1, n2 = residuals
     ga = _expand_to(xp, xp.expand_dims(xp.astype(g, s.dtype, copy=False), axis=axis), s.ndim)
+    one, zero = xp.ones_like(n1), xp.zeros_like(s)
     c1, c2 = xp.maximum(n1, eps), xp.maximum(n2, eps)
-    one = xp.ones_like(c1)
-    p1, p2 = _safe_divide(xp, one, c1), _safe_divide(xp, one, c2)
-    zero = xp.zeros_like(s)
-    q1 = xp.where(n1 > eps, _safe_divide(xp, s, n1), zero)
-    q2 = xp.where(n2 > eps, _safe_divide(xp, s, n2), zero)
-    u1, u2 = ga * p1, ga * p2
-    fused = (u1 * p2, u1 * q1, u2 * p1, u2 * q2)
+    c1 = xp.where(c1 == 0, one, c1)  # eps = 0 and a zero vector: x / c stays 0
+    c2 = xp.where(c2 == 0, xp.ones_like(n2), c2)
+    t1 = xp.where(n1 > eps, s, zero)
+    t2 = xp.where(n2 > eps, s, zero)
+    u1 = xp.where(n1 > 0, ga / c1, xp.zeros_like(ga)) if eps == 0 else ga / c1
+    u2 = xp.where(n2 > 0, ga / c2, xp.zeros_like(ga)) if eps == 0 else ga / c2
+    fused = (u1 / c2, u1 * t1 / c1, u2 / c1, u2 * t2 / c2)
+    coefs = tuple(xp.astype(t, work, copy=False) for t in (u1, u2, c1, c2, t1, t2, *fused))
     ok = False
-    if eager:
-        info = xp.finfo(work)
-        lo, hi = float(info.smallest_normal), float(info.max)
+    if eager:  # checked after rounding to the work dtype, where the products happen
+        lo, hi = float(xp.finfo(work).smallest_normal), float(xp.finfo(work).max)
         ok = all(
             bool(xp.all(((xp.abs(f) >= lo) & (xp.abs(f) <= hi)) | (f == 0) | xp.isnan(f)))
-            for f in fused
+            for f in coefs[6:]
         )
-    coefs = (u1, u2, p1, p2, q1, q2, *fused)
-    return GradCoefficients(*(xp.astype(t, work, copy=False) for t in coefs), fused_ok=ok)
+    return GradCoefficients(*coefs, fused_ok=ok)
 
 
 def grad_elementwise(
     xp: Any, x1: Array, x2: Array, k: GradCoefficients, out: tuple[Array, Array] | None = None
 ) -> tuple[Array, Array]:
-    """The VJP's one elementwise pass: ``g1 = u1 (p2 x2 - q1 x1)``, ``g2 = u2 (p1 x1 - q2 x2)``.
+    """The VJP's elementwise pass: ``g1 = u1 (x2/c2 - t1 x1/c1)``, ``g2 = u2 (x1/c1 - t2 x2/c2)``.
 
-    Inputs are in the work dtype with broadcast-compatible shapes. The factored
-    form never overflows or underflows where the result does not (G3). With
+    Inputs are in the work dtype with broadcast-compatible shapes. The
+    normalised vectors ``x/c`` and the bracket are bounded by 2 in magnitude, so
+    nothing overflows or underflows unless ``u = g/c`` itself does (G3). With
     ``out`` (mutable arrays of the broadcast shape) the result is written in
-    place there, and when ``k.fused_ok`` in the cheaper fused form
-    ``g1 = a1 x2 - b1 x1`` (the same expression, multiplied out).
+    place there, and when ``k.fused_ok`` in the multiplied-out form
+    ``g1 = a1 x2 - b1 x1`` (the same expression; two products per element).
     """
-    if out is None:
-        return k.u1 * (k.p2 * x2 - k.q1 * x1), k.u2 * (k.p1 * x1 - k.q2 * x2)
+    if out is None or not k.fused_ok:
+        h1, h2 = x1 / k.c1, x2 / k.c2
+        g1, g2 = k.u1 * (h2 - k.t1 * h1), k.u2 * (h1 - k.t2 * h2)
+        if out is None:
+            return g1, g2
+        out[0][...] = g1
+        out[1][...] = g2
+        return out
     g1, g2 = out
-    if k.fused_ok:
-        g1[...] = k.a1 * x2
-        g1 -= k.b1 * x1
-        g2[...] = k.a2 * x1
-        g2 -= k.b2 * x2
-        return g1, g2
-    g1[...] = k.p2 * x2
-    g1 -= k.q1 * x1
-    g1 *= k.u1
-    g2[...] = k.p1 * x1
-    g2 -= k.q2 * x2
-    g2 *= k.u2
+    g1[...] = k.a1 * x2
+    g1 -= k.b1 * x1
+    g2[...] = k.a2 * x1
+    g2 -= k.b2 * x2
     return g1, g2
 
 
@@ -476,3 +477,250 @@ def vjp(
     g1 = xp.astype(sum_to_shape(xp, g1, shape1), x1.dtype, copy=False)
     g2 = xp.astype(sum_to_shape(xp, g2, shape2), x2.dtype, copy=False)
     return g1, g2
+
+
+# =========================================================================== forward mode
+# Added for the PyTorch adapter (issue 3): ``CosineSimilarityFunction.jvp``.
+# Changes no function above; expresses the JVP through the VJP's own pieces.
+
+
+def jvp(
+    xp: Any,
+    t1: Array | None,
+    t2: Array | None,
+    x1: Array,
+    x2: Array,
+    axis: int,
+    eps: float,
+    residuals: Residuals | None = None,
+    *,
+    eager: bool = False,
+    native_dots: Dots | None = None,
+) -> Array:
+    r"""Jacobian-vector product: the derivative of :func:`forward`'s result along ``(t1, t2)``.
+
+    Each output element depends only on its own pair of vectors, so the
+    Jacobian is block diagonal and its blocks are the VJP at :math:`g = 1`
+    before broadcast inputs are summed back (the VJP transposed):
+
+    .. math::
+
+        \dot s = \sum_{\text{axis}} \Big(\frac{\partial s}{\partial x_1} \odot t_1
+                 + \frac{\partial s}{\partial x_2} \odot t_2\Big), \qquad
+        \frac{\partial s}{\partial x_1}
+          = \frac{1}{c_1}\Big(\frac{x_2}{c_2} - [n_1 > \varepsilon]\,\frac{s}{n_1}\,x_1\Big),
+
+    evaluated by :func:`grad_coefficients` and :func:`grad_elementwise`.
+    ``t1``, ``t2`` have the shapes of ``x1``, ``x2`` (``None``: a zero
+    tangent). Returns the tangent of the result, in ``x1``'s dtype.
+    """
+    if residuals is None:
+        _, residuals = forward(xp, x1, x2, axis, eps, eager=eager, native_dots=native_dots)
+    work = work_dtype(xp, x1.dtype)
+    ones = xp.ones_like(xp.squeeze(residuals.s, axis=axis))
+    k = grad_coefficients(xp, ones, residuals, axis, eps, work)
+    x1a, x2a = _align(xp, x1, x2, axis)
+    d1, d2 = grad_elementwise(
+        xp, xp.astype(x1a, work, copy=False), xp.astype(x2a, work, copy=False), k
+    )
+    total = xp.zeros_like(xp.squeeze(k.u1, axis=axis))
+    for d, t in ((d1, t1), (d2, t2)):
+        if t is not None:
+            t = xp.astype(_expand_to(xp, t, d.ndim), work, copy=False)
+            total = total + xp.sum(d * t, axis=axis)
+    return xp.astype(total, x1.dtype, copy=False)
+
+
+# =========================================================================== pairwise
+# Added for pairwise similarity (issue 6). Changes no function above; reuses
+# the accumulation dtype, rescaling and compensated sums of the row-wise core.
+
+
+class RowNorms(NamedTuple):
+    r"""Rows normalised once, for the pairwise matrix and its VJP (accumulation dtype).
+
+    For a row :math:`x` with scale :math:`m` (``max|x|`` where rescaling is
+    needed, else 1) and :math:`b = x / m`: ``ns`` :math:`= \lVert b\rVert`,
+    ``cs`` :math:`= \max(\lVert b\rVert, \varepsilon / m)` and ``xhat``
+    :math:`= b / c_s = x / \max(\lVert x\rVert, \varepsilon)` (0 where
+    :math:`c_s = 0`).
+    """
+
+    xhat: Array  #: ``x / max(||x||, eps)``, shape ``(..., N, D)``
+    cs: Array  #: ``max(||x||, eps) / m``, keepdims ``(..., N, 1)``
+    above: Array  #: ``||x|| > eps`` (bool), keepdims
+    m: Array | None  #: row scale, keepdims; ``None`` when no rescaling was needed
+
+
+def normalize_rows(xp: Any, x: Array, eps: float) -> RowNorms:
+    """``x / max(||x||, eps)`` along the last axis, accurate and range-safe.
+
+    The norm runs in the accumulation dtype (:func:`accumulation_dtype`); where
+    that cannot hold every square (:func:`needs_rescaling`) rows are first
+    divided by ``max|x|``; where nothing wider than the input exists the sum of
+    squares is compensated (:func:`accurate_dot`). Zero rows with ``eps = 0``
+    give ``xhat = 0``; NaN or inf in a row gives NaN in that row of ``xhat``.
+    No branching on values (works traced and lazy).
+    """
+    acc = accumulation_dtype(xp, x.dtype, x)
+    axis = x.ndim - 1
+    a = xp.astype(x, acc, copy=False)
+    m = None
+    if needs_rescaling(xp, x.dtype, acc):
+        a, m = _scale(xp, a, axis)
+    if _dtype_name(acc) == _dtype_name(x.dtype):  # nothing wider: compensated sum
+        hi, lo = accurate_dot(xp, a, a, axis)
+        root = xp.sqrt(hi)
+        ns = root + _safe_divide(xp, lo, 2 * root)  # sqrt(hi + lo) to first order
+        ns = xp.expand_dims(ns, axis=axis)
+    else:
+        ns = xp.expand_dims(xp.sqrt(xp.vecdot(a, a, axis=-1)), axis=axis)
+    e = eps if m is None else eps / m
+    cs = xp.maximum(ns, e) if m is not None else xp.maximum(ns, xp.full_like(ns, eps))
+    return RowNorms(_safe_divide(xp, a, cs), cs, ns > e, m)
+
+
+def _align_last(xp: Any, x1: Array, x2: Array) -> tuple[Array, Array]:
+    """Equal length along the last (reduced) axis: a length-1 row is broadcast."""
+    axis1, axis2 = x1.ndim - 1, x2.ndim - 1
+    if x1.shape[-1] == 1 and x2.shape[-1] != 1:
+        x1 = _full_along(xp, x1, axis1, x2.shape[-1])
+    elif x2.shape[-1] == 1 and x1.shape[-1] != 1:
+        x2 = _full_along(xp, x2, axis2, x1.shape[-1])
+    return x1, x2
+
+
+Product = Callable[[Array, Array, Any], Array]
+
+
+def pairwise_product(xp: Any, h1: Array, h2: Array | None, dtype: Any) -> Array:
+    """``clip(h1 @ h2^T, -1, 1)`` in ``h1``'s dtype, returned in ``dtype`` (NaN kept).
+
+    ``h2 = None`` means ``h2 = h1`` (libraries may then use a symmetric
+    product). Casting before clamping is the same as after (rounding is
+    monotone and +-1 are representable) and clamps the narrower array.
+    """
+    h2 = h1 if h2 is None else h2
+    s = xp.astype(xp.matmul(h1, xp.matrix_transpose(h2)), dtype, copy=False)
+    return _clamp_unit(xp, s)
+
+
+def pairwise_forward(
+    xp: Any,
+    x1: Array,
+    x2: Array | None,
+    eps: float,
+    *,
+    native_product: Product | None = None,
+) -> tuple[Array, tuple[RowNorms, RowNorms | None]]:
+    r"""Cosine similarity of every row of ``x1`` with every row of ``x2``.
+
+    ``x1`` is ``(..., N, D)``, ``x2`` is ``(..., M, D)`` (``D`` equal or 1;
+    leading dimensions broadcast) or ``None`` for ``x2 = x1``; one real
+    floating dtype. Returns ``S`` of shape ``(..., N, M)`` in that dtype and
+    the residuals the VJP needs:
+
+    .. math::
+
+        \hat x = \frac{x}{\max(\lVert x\rVert, \varepsilon)}, \qquad
+        S = \operatorname{clip}(\hat X_1 \hat X_2^{\mathsf T}, -1, 1),
+
+    which is the definition, entry by entry. The rows are normalised once
+    (:func:`normalize_rows`) and ``S`` is **one matrix product** in the
+    accumulation dtype (float64 for float32 inputs, so the result is within
+    ``ulp(1.0)`` of exact: the product's rounding is far below float32's ulp,
+    then one rounding to float32), ``O(N M + (N + M) D)`` memory, never
+    ``N M D``. For float64 inputs the product runs in float64 and its rounding
+    (about ``sqrt(D)`` ulp(1.0) at worst in practice) is the error.
+    ``native_product(h1, h2_or_None, dtype)`` may replace :func:`pairwise_product`.
+    """
+    if x2 is not None:
+        x1, x2 = _align_last(xp, x1, x2)
+    r1 = normalize_rows(xp, x1, eps)
+    r2 = None if x2 is None else normalize_rows(xp, x2, eps)
+    h2 = None if r2 is None else r2.xhat
+    product = native_product or (lambda a, b, dt: pairwise_product(xp, a, b, dt))
+    return product(r1.xhat, h2, x1.dtype), (r1, r2)
+
+
+def row_normalize_vjp(xp: Any, r: RowNorms, v: Array) -> Array:
+    r"""VJP of :math:`x \mapsto \hat x = x / \max(\lVert x\rVert, \varepsilon)` for cotangent ``v``.
+
+    Above ``eps`` the Jacobian is :math:`(I - \hat x \hat x^{\mathsf T}) / \lVert x\rVert`
+    (symmetric); at or below it :math:`c = \varepsilon` is constant and the
+    Jacobian is :math:`I / \varepsilon`. Hence
+
+    .. math::
+
+        \bar x = \frac{v - [n > \varepsilon]\,(\hat x \cdot v)\,\hat x}{c}.
+
+    With :math:`v_i = \sum_j g_{ij} \hat x_{2j}`, :math:`\hat x_{1i}\cdot v_i =
+    \sum_j g_{ij} S_{ij}`, so :math:`\bar x_{1i} = \sum_j \frac{g_{ij}}{c_{1i}}
+    \big(\hat x_{2j} - [n_{1i} > \varepsilon] S_{ij} \hat x_{1i}\big)`: the
+    row-wise VJP summed over the broadcast partner, as it must be. ``v`` may be
+    in any dtype; the result is in the accumulation dtype. Multiplying by
+    ``1 / c`` (0 for a zero row with ``eps = 0``) lets NaN in ``v`` through.
+    """
+    h = r.xhat
+    va = xp.astype(v, h.dtype, copy=False)
+    proj = xp.expand_dims(xp.vecdot(h, va, axis=-1), axis=h.ndim - 1)
+    proj = xp.where(r.above, proj, xp.zeros_like(proj))
+    inv = _safe_divide(xp, xp.ones_like(r.cs), r.cs)
+    if r.m is not None:  # cs is in units of m: 1 / c = (1 / cs) / m
+        inv = _safe_divide(xp, inv, r.m)
+    return (va - proj * h) * inv
+
+
+MatMul = Callable[[Array, Array], Array]
+
+
+def pairwise_vjp(
+    xp: Any,
+    g: Array,
+    x1: Array,
+    x2: Array | None,
+    eps: float,
+    residuals: tuple[RowNorms, RowNorms | None] | None = None,
+    *,
+    native_matmul: MatMul | None = None,
+) -> tuple[Array, Array | None]:
+    r"""Gradients of ``sum(g * S)`` for ``S = pairwise_forward(x1, x2)``, by matrix products.
+
+    .. math::
+
+        \bar{\hat X}_1 = G \hat X_2, \qquad \bar{\hat X}_2 = G^{\mathsf T} \hat X_1
+        \quad(\text{self-similarity: } (G + G^{\mathsf T}) \hat X),
+
+    summed over broadcast leading dimensions, then :func:`row_normalize_vjp`.
+    The products run in the work dtype (:func:`work_dtype`), the
+    normalisation's VJP in the accumulation dtype. ``g`` has ``S``'s shape.
+    Returns ``(dx1, dx2)`` with the shapes and dtype of the inputs
+    (``dx2 = None`` when ``x2`` is ``None``). Memory ``O(N M + (N + M) D)``.
+    """
+    shape1 = tuple(x1.shape)
+    shape2 = None if x2 is None else tuple(x2.shape)
+    if residuals is None:
+        _, residuals = pairwise_forward(xp, x1, x2, eps, native_product=_no_product)
+    r1, r2 = residuals
+    work = work_dtype(xp, x1.dtype)
+    matmul = native_matmul or xp.matmul
+    gw = xp.astype(g, work, copy=False)
+    h1 = xp.astype(r1.xhat, work, copy=False)
+    if r2 is None:
+        v = sum_to_shape(xp, matmul(gw + xp.matrix_transpose(gw), h1), tuple(h1.shape))
+        d1 = row_normalize_vjp(xp, r1, v)
+        return xp.astype(sum_to_shape(xp, d1, shape1), x1.dtype, copy=False), None
+    h2 = xp.astype(r2.xhat, work, copy=False)
+    v1 = sum_to_shape(xp, matmul(gw, h2), tuple(h1.shape))
+    v2 = sum_to_shape(xp, matmul(xp.matrix_transpose(gw), h1), tuple(h2.shape))
+    d1 = row_normalize_vjp(xp, r1, v1)
+    d2 = row_normalize_vjp(xp, r2, v2)
+    return (
+        xp.astype(sum_to_shape(xp, d1, shape1), x1.dtype, copy=False),
+        xp.astype(sum_to_shape(xp, d2, shape2), x2.dtype, copy=False),  # type: ignore[union-attr, arg-type]
+    )
+
+
+def _no_product(h1: Array, h2: Array | None, dtype: Any) -> None:
+    """Residuals only: the VJP does not need ``S``."""
+    return None
