@@ -1,0 +1,226 @@
+"""The JSON document ``polycos bench --json`` writes, as a JSON Schema, and a checker.
+
+The schema (draft 2020-12 subset) is :data:`SCHEMA`; :func:`validate` checks a
+document against it without third-party packages (it understands ``type``,
+``required``, ``properties``, ``additionalProperties``, ``items``, ``enum``,
+``minimum``, ``minItems`` and ``const``: all that :data:`SCHEMA` uses).
+``docs/benchmarks.md`` documents the same fields for people.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from polycos.bench._suites import BACKENDS, DTYPES, OPS, SUITES
+
+__all__ = ["SCHEMA", "validate"]
+
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}  # null: not finite (no round in common)
+_POS = {"type": "number", "minimum": 0}
+_SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2}
+_NAMES = sorted(set(BACKENDS))
+
+RECORD: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "suite",
+        "name",
+        "kind",
+        "op",
+        "shape",
+        "dtype",
+        "device",
+        "bytes",
+        "number",
+        "warmup_s",
+        "times_s",
+        "median_s",
+        "gbps",
+        "x_floor",
+        "speedup",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "suite": {"enum": list(SUITES)},
+        "name": {"type": "string"},
+        "kind": {"enum": ["polycos", "peer", "floor"]},
+        "op": {"enum": list(OPS)},
+        "shape": _SHAPE,
+        "dtype": {"enum": list(DTYPES)},
+        "device": {"enum": ["cpu", "cuda"]},
+        "bytes": {"type": "integer", "minimum": 0},
+        "number": {"type": "integer", "minimum": 1},
+        "warmup_s": _POS,
+        "times_s": {"type": "array", "items": _POS, "minItems": 1},
+        "median_s": _POS,
+        "gbps": {"type": ["number", "null"], "minimum": 0},
+        "x_floor": _NUM_OR_NULL,
+        "speedup": {"type": "object", "additionalProperties": _NUM_OR_NULL},
+    },
+}
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "polycos bench results",
+    "type": "object",
+    "required": [
+        "schema",
+        "date",
+        "duration_s",
+        "command",
+        "machine",
+        "versions",
+        "config",
+        "results",
+        "skipped",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": "polycos-bench/1"},
+        "date": {"type": "string"},
+        "duration_s": _POS,
+        "command": {"type": "array", "items": {"type": "string"}},
+        "machine": {
+            "type": "object",
+            "required": ["platform", "processor", "cpu_count", "python", "gpus"],
+            "properties": {
+                "platform": {"type": "string"},
+                "machine": {"type": "string"},
+                "processor": {"type": "string"},
+                "cpu_count": {"type": ["integer", "null"]},
+                "python": {"type": "string"},
+                "loadavg": {"type": ["array", "null"], "items": _NUM},
+                "gpus": {"type": "array", "items": {"type": "string"}},
+                "torch_threads": {"type": "integer"},
+            },
+        },
+        "versions": {
+            "type": "object",
+            "required": ["polycos"],
+            "additionalProperties": {"type": "string"},
+        },
+        "config": {
+            "type": "object",
+            "required": [
+                "backends",
+                "ops",
+                "sizes",
+                "pairwise_sizes",
+                "dtypes",
+                "repeat",
+                "min_time",
+                "quick",
+            ],
+            "additionalProperties": False,
+            "properties": {
+                "backends": {"type": "array", "items": {"enum": _NAMES}},
+                "ops": {"type": "array", "items": {"enum": list(OPS)}},
+                "sizes": {"type": "array", "items": _SHAPE},
+                "pairwise_sizes": {"type": "array", "items": _SHAPE},
+                "dtypes": {"type": "array", "items": {"enum": list(DTYPES)}},
+                "repeat": {"type": "integer", "minimum": 1},
+                "min_time": _POS,
+                "quick": {"type": "boolean"},
+                "threads": {"type": ["integer", "null"], "minimum": 1},
+                "slow": _POS,
+                "slow_rounds": {"type": "integer", "minimum": 1},
+            },
+        },
+        "results": {"type": "array", "items": RECORD},
+        "skipped": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["suite", "op", "shape", "dtype", "reason"],
+                "additionalProperties": False,
+                "properties": {
+                    "suite": {"enum": list(SUITES)},
+                    "op": {"enum": [*OPS, None]},
+                    "shape": {"type": ["array", "null"], "items": {"type": "integer"}},
+                    "dtype": {"enum": [*DTYPES, None]},
+                    "reason": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+_TYPES: dict[str, Any] = {
+    "object": dict,
+    "array": list,
+    "string": str,
+    "boolean": bool,
+    "null": type(None),
+}
+
+
+def _is_type(value: Any, name: str) -> bool:
+    if name == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _TYPES[name])
+
+
+def validate(doc: Any, schema: dict[str, Any] | None = None, path: str = "$") -> list[str]:
+    """Errors of ``doc`` against ``schema`` (default :data:`SCHEMA`); empty when valid.
+
+    Parameters
+    ----------
+    doc : object
+        A parsed JSON document (``json.load``).
+    schema : dict, optional
+        A (sub)schema; the whole :data:`SCHEMA` by default.
+    path : str, optional
+        Where ``doc`` sits, for the messages.
+
+    Returns
+    -------
+    list of str
+        One message per violation, each starting with the JSON path.
+
+    Examples
+    --------
+    >>> validate({"schema": "polycos-bench/1"})[0]
+    "$: missing required key 'date'"
+    >>> validate([1, "a"], {"type": "array", "items": {"type": "integer"}})
+    ["$[1]: 'a' is not of type integer"]
+    """
+    schema = SCHEMA if schema is None else schema
+    errors: list[str] = []
+    if "const" in schema and doc != schema["const"]:
+        errors.append(f"{path}: {doc!r} is not {schema['const']!r}")
+    if "enum" in schema and doc not in schema["enum"]:
+        errors.append(f"{path}: {doc!r} is not one of {schema['enum']}")
+    if "type" in schema:
+        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_is_type(doc, n) for n in names):
+            return [*errors, f"{path}: {doc!r} is not of type {' or '.join(names)}"]
+    if (
+        "minimum" in schema
+        and _is_type(doc, "number")
+        and not (doc >= schema["minimum"] or math.isnan(doc))
+    ):
+        errors.append(f"{path}: {doc!r} is below {schema['minimum']}")
+    if isinstance(doc, list):
+        if len(doc) < schema.get("minItems", 0):
+            errors.append(f"{path}: fewer than {schema['minItems']} items")
+        if "items" in schema:
+            for i, item in enumerate(doc):
+                errors += validate(item, schema["items"], f"{path}[{i}]")
+    if isinstance(doc, dict):
+        for key in schema.get("required", []):
+            if key not in doc:
+                errors.append(f"{path}: missing required key {key!r}")
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for key, value in doc.items():
+            if key in props:
+                errors += validate(value, props[key], f"{path}.{key}")
+            elif extra is False:
+                errors.append(f"{path}: unexpected key {key!r}")
+            elif isinstance(extra, dict):
+                errors += validate(value, extra, f"{path}.{key}")
+    return errors

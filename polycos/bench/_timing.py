@@ -1,0 +1,177 @@
+"""Timing: interleaved rounds, medians, and ratios taken round by round.
+
+The machine a benchmark runs on is rarely quiet (other processes, frequency
+changes, a shared CI box). Absolute times drift; ratios of measurements taken a
+few milliseconds apart drift much less. So every candidate of a case (the
+polycos subjects, the native peers and the bandwidth floor) is timed once per
+*round*, in a rotated order, and a ratio is the median over rounds of the
+per-round quotient, never a quotient of separately taken medians.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Timer",
+    "Timing",
+    "calibrate",
+    "cpu_timer",
+    "interleaved",
+    "median_ratio",
+]
+
+#: ``timer(fn, number)``: seconds per call, averaged over ``number`` back-to-back calls,
+#: including whatever synchronisation makes the result ready.
+Timer = Callable[[Callable[[], Any], int], float]
+
+
+def cpu_timer(sync: Callable[[Any], Any] | None = None) -> Timer:
+    """A wall-clock timer that waits for each result with ``sync(result)``.
+
+    Parameters
+    ----------
+    sync : callable, optional
+        Called on every result before the clock stops (for example
+        ``jax.block_until_ready``). ``None`` for eager CPU libraries.
+
+    Returns
+    -------
+    Timer
+        ``timer(fn, number) -> seconds per call``.
+    """
+
+    def timer(fn: Callable[[], Any], number: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            out = fn()
+            if sync is not None:
+                sync(out)
+        return (time.perf_counter() - t0) / number
+
+    return timer
+
+
+def calibrate(
+    timer: Timer, fn: Callable[[], Any], min_time: float, max_number: int = 1000
+) -> tuple[int, float]:
+    """How many calls make one sample last at least ``min_time`` seconds.
+
+    Parameters
+    ----------
+    timer : Timer
+        The case's timer.
+    fn : callable
+        The candidate, already warmed up.
+    min_time : float
+        Target duration of one sample, in seconds.
+    max_number : int, optional
+        Upper bound on the calls per sample.
+
+    Returns
+    -------
+    (int, float)
+        Calls per sample, and the seconds per call of the calibration sample.
+    """
+    t = timer(fn, 1)
+    if t <= 0:
+        return max_number, t
+    return max(1, min(max_number, math.ceil(min_time / t))), t
+
+
+@dataclass
+class Timing:
+    """The samples of one candidate: seconds per call, one entry per round (``None`` if skipped)."""
+
+    name: str
+    number: int
+    samples: list[float | None] = field(default_factory=list)
+
+    @property
+    def times(self) -> list[float]:
+        """The rounds in which this candidate ran."""
+        return [t for t in self.samples if t is not None]
+
+    @property
+    def median(self) -> float:
+        """Median seconds per call."""
+        return statistics.median(self.times)
+
+
+def interleaved(
+    timer: Timer,
+    fns: dict[str, Callable[[], Any]],
+    numbers: dict[str, int],
+    rounds: int,
+    *,
+    slow: float = 1.0,
+    min_rounds_slow: int = 3,
+    first: dict[str, float] | None = None,
+) -> dict[str, Timing]:
+    """Time every candidate once per round, rotating the order from round to round.
+
+    Parameters
+    ----------
+    timer : Timer
+        Measures one sample of ``number`` calls.
+    fns : dict
+        Candidate name -> zero-argument callable (warmed up).
+    numbers : dict
+        Candidate name -> calls per sample (from :func:`calibrate`).
+    rounds : int
+        Number of rounds (samples per candidate).
+    slow : float, optional
+        A candidate whose calibration took longer than this many seconds per call
+        is sampled in only the first ``min_rounds_slow`` rounds.
+    min_rounds_slow : int, optional
+        Rounds for slow candidates.
+    first : dict, optional
+        Candidate name -> seconds per call from calibration.
+
+    Returns
+    -------
+    dict
+        Candidate name -> :class:`Timing`.
+    """
+    names = list(fns)
+    out = {n: Timing(n, numbers[n]) for n in names}
+    first = first or {}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if first.get(name, 0.0) > slow and r >= min_rounds_slow:
+                out[name].samples.append(None)
+                continue
+            out[name].samples.append(timer(fns[name], numbers[name]))
+    return out
+
+
+def median_ratio(num: Sequence[float | None], den: Sequence[float | None]) -> float:
+    """Median over rounds of ``num[r] / den[r]`` (rounds where both ran).
+
+    Parameters
+    ----------
+    num, den : sequence of float or None
+        Per-round samples of two candidates of the same case.
+
+    Returns
+    -------
+    float
+        The median quotient, ``nan`` when no round has both.
+
+    Examples
+    --------
+    >>> median_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 1.0])
+    2.0
+    >>> median_ratio([1.0, None], [None, 1.0])
+    nan
+    """
+    qs = [
+        a / b for a, b in zip(num, den, strict=False) if a is not None and b is not None and b > 0
+    ]
+    return statistics.median(qs) if qs else math.nan
