@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from polycos import _pairwise
 from polycos._dispatch import adapter_for
+from polycos._pairwise import pairwise_cosine_similarity, pairwise_cosine_similarity_vjp
 from polycos._validate import resolve_dim, validate
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ __all__ = [
     "__version__",
     "cosine_similarity",
     "cosine_similarity_vjp",
+    "pairwise_cosine_similarity",
+    "pairwise_cosine_similarity_vjp",
 ]
 
 
@@ -105,6 +109,9 @@ def cosine_similarity(
     array([1., 0.])
     """
     call = validate(x1, x2, resolve_dim(dim, axis), eps)
+    outer = _pairwise.forward_outer(call)  # outer-product broadcast: one matrix product
+    if outer is not None:
+        return outer
     return adapter_for(call.x1).forward(call)
 
 
@@ -173,6 +180,9 @@ def cosine_similarity_vjp(
             f"shape {out_shape}"
         ) from None
     grad = xp.astype(grad, call.dtype) if grad.dtype != call.dtype else grad
+    outer = _pairwise.vjp_outer(grad, call)  # outer-product broadcast: matrix products
+    if outer is not None:
+        return outer
     return adapter_for(call.x1).vjp(grad, call)
 
 
