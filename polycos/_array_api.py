@@ -20,7 +20,7 @@ import array_api_compat
 from polycos import _core
 from polycos._validate import Call
 
-__all__ = ["forward", "vjp"]
+__all__ = ["forward", "forward_with_residuals", "vjp"]
 
 #: Elements of one input per block on NumPy (256 Ki: 2 MB in float64, L2/L3-resident).
 BLOCK_ELEMENTS = 1 << 18
@@ -129,18 +129,23 @@ class _Blocks:
 
 def forward(call: Call) -> Any:
     """Forward on a validated call."""
+    return forward_with_residuals(call)[0]
+
+
+def forward_with_residuals(call: Call) -> tuple[Any, _core.Residuals]:
+    """Forward on a validated call, with what :func:`vjp` needs to skip recomputing it."""
     xp = call.xp
     x1, x2 = _as_vectors(call)
     blocks = _Blocks.plan(call)
     with _quiet(xp):
-        out, _ = _core.forward(
+        out, residuals = _core.forward(
             xp, x1, x2, call.axis, call.eps, eager=_is_eager(xp),
             native_dots=blocks.dots if blocks else None,
         )
-    return xp.reshape(out, ()) if not call.shape else out
+    return (xp.reshape(out, ()) if not call.shape else out), residuals
 
 
-def vjp(grad: Any, call: Call) -> tuple[Any, Any]:
+def vjp(grad: Any, call: Call, residuals: _core.Residuals | None = None) -> tuple[Any, Any]:
     """VJP on a validated call; ``grad`` broadcasts to the forward result's shape."""
     xp = call.xp
     x1, x2 = _as_vectors(call)
@@ -148,7 +153,7 @@ def vjp(grad: Any, call: Call) -> tuple[Any, Any]:
     blocks = _Blocks.plan(call)
     with _quiet(xp):
         g1, g2 = _core.vjp(
-            xp, xp.broadcast_to(grad, out_shape), x1, x2, call.axis, call.eps,
+            xp, xp.broadcast_to(grad, out_shape), x1, x2, call.axis, call.eps, residuals,
             eager=_is_eager(xp),
             native_dots=blocks.dots if blocks else None,
             native_elementwise=blocks.elementwise if blocks else None,

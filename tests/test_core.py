@@ -418,3 +418,16 @@ def test_import_is_light():
     code = "import sys, polycos; print(sorted(m for m in ('torch', 'jax', 'cupy', 'dask') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("xp", NAMESPACES)
+@given(data=st.data())
+def test_with_vjp_matches_separate_calls(xp, data):
+    case = data.draw(cosine_inputs(xp))
+    s, vjp = polycos.cosine_similarity_with_vjp(case.x1, case.x2, case.dim, case.eps)
+    np.testing.assert_array_equal(to_numpy(s), to_numpy(polycos.cosine_similarity(case.x1, case.x2, case.dim, case.eps)))
+    grad = xp.asarray(np.linspace(-1, 1, int(np.prod(s.shape))).reshape(tuple(s.shape)), dtype=s.dtype)
+    g = vjp(grad)
+    assert_vjp_matches_reference(g, grad, case.x1, case.x2, case.dim, case.eps)
+    with pytest.raises(ValueError, match="grad with shape"):
+        vjp(xp.ones((7, 5, 3), dtype=s.dtype))
