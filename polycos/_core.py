@@ -162,6 +162,9 @@ def _scale(xp: Any, a: Array, axis: int) -> tuple[Array, Array]:
 
 
 Dots = Callable[[Array, Array, int, bool], "tuple[Array, ...]"]
+#: ``branch(pred, then_fn, else_fn)``: value-dependent control flow that a tracer
+#: can compile (e.g. ``jax.lax.cond``); ``pred`` is a 0-d boolean array.
+Branch = Callable[[Array, Callable[[], Any], Callable[[], Any]], Any]
 Elementwise = Callable[[Array, Array, "GradCoefficients"], "tuple[Array, Array]"]
 
 
@@ -234,6 +237,7 @@ def _stats(
     eps: float,
     eager: bool,
     native_dots: Dots | None,
+    branch: Branch | None = None,
 ) -> Residuals:
     """``(s, n1, n2)``, keepdims, in the accumulation dtype."""
     acc = accumulation_dtype(xp, x1.dtype, x1)
@@ -263,16 +267,30 @@ def _stats(
         b2, m2 = _scale(xp, upcast(x2), axis)
         return (*split(dots(xp, b1, b2, axis, compensated=compensated)), m1, m2)
 
+    def rescued(parts: tuple) -> tuple[Array, ...]:
+        # Only the offending rows take the scaled values: the others keep
+        # exactly the bits they have without a bad row beside them (G6).
+        bad = _out_of_range(xp, parts[1], x1, axis) | _out_of_range(xp, parts[2], x2, axis)
+        return tuple(xp.where(bad, s, u) for s, u in zip(scaled(), parts, strict=True))
+
     if not rescale:
         parts = unscaled()
     elif eager:
         parts = unscaled()
-        bad1, bad2 = _out_of_range(xp, parts[1], x1, axis), _out_of_range(xp, parts[2], x2, axis)
-        if bool(xp.any(bad1)) or bool(xp.any(bad2)):
-            # Only the offending rows take the scaled values: the others keep
-            # exactly the bits they have without a bad row beside them (G6).
-            bad = bad1 | bad2
-            parts = tuple(xp.where(bad, s, u) for s, u in zip(scaled(), parts, strict=True))
+        if bool(xp.any(_suspect(xp, parts[1]) | _suspect(xp, parts[2]))):
+            parts = rescued(parts)
+    elif branch is not None:
+        # Traced: the common case is one pass; the rescue is compiled but runs
+        # only when a sum of squares left the safe range (e.g. lax.cond).
+        parts = unscaled()
+        suspect = xp.any(_suspect(xp, parts[1]) | _suspect(xp, parts[2]))
+        # Both branches must give arrays of one shape: the broadcast keepdims shape.
+        shape = tuple(xp.broadcast_arrays(*parts[:3])[0].shape)
+
+        def full(ps: tuple) -> tuple[Array, ...]:
+            return tuple(xp.broadcast_to(p, shape) for p in ps)
+
+        parts = branch(suspect, lambda p=parts: full(rescued(p)), lambda p=parts: full(p))
     else:
         parts = scaled()
     w12, w11, w22, l12, l11, l22, m1, m2 = parts
@@ -299,19 +317,27 @@ def _stats(
     return Residuals(s, n1s * m1, n2s * m2)
 
 
-def _out_of_range(xp: Any, w: Array, a: Array, axis: int) -> Array:
-    """Rows whose sum of squares overflowed, or is so small its terms lost precision.
+def _suspect(xp: Any, w: Array) -> Array:
+    """Sums of squares outside the safe range (overflowed, or too small to be accurate).
 
-    Out-of-range sums are only suspects: an all-zero row is fine as it is.
-    Telling the two apart costs a ``max|a|`` pass, taken only when a suspect exists.
+    Keeps ``w11 * w22`` normal and finite, and every square's rounding error
+    (relative to ``w``) far below eps: ``sqrt(tiny) / eps <= w <= sqrt(max) / 4``.
+    NaN is suspect too: a compensated split may overflow on huge finite input.
     """
     info = xp.finfo(w.dtype)
-    # Keep w11 * w22 normal and finite, and every square's rounding error
-    # (relative to w) far below eps: sqrt(tiny) / eps <= w <= sqrt(max) / 4.
     lo = float(info.smallest_normal) ** 0.5 / float(info.eps)
     hi = float(info.max) ** 0.5 / 4
-    suspect = ~((w >= lo) & (w <= hi))  # NaN too: a split may overflow on huge finite input
-    if a.shape[axis] == 0 or not bool(xp.any(suspect)):
+    return ~((w >= lo) & (w <= hi))
+
+
+def _out_of_range(xp: Any, w: Array, a: Array, axis: int) -> Array:
+    """Rows whose sum of squares is :func:`_suspect` and that are not all zero.
+
+    An all-zero row is fine as it is; telling the two apart costs a ``max|a|``
+    pass, which callers take only when a suspect exists.
+    """
+    suspect = _suspect(xp, w)
+    if a.shape[axis] == 0:
         return xp.zeros_like(suspect)
     return suspect & (xp.max(xp.abs(a), axis=axis, keepdims=True) > 0)
 
@@ -325,6 +351,7 @@ def forward(
     *,
     eager: bool = False,
     native_dots: Dots | None = None,
+    branch: Branch | None = None,
 ) -> tuple[Array, Residuals]:
     """Cosine similarity of validated inputs along a non-negative ``axis``.
 
@@ -333,10 +360,12 @@ def forward(
     dimension. Returns the result in the input dtype (the broadcast shape
     without ``axis``) and the :class:`Residuals` the VJP needs. ``eager=True``
     promises concrete arrays (values may be inspected); ``native_dots``
-    replaces :func:`dots` on the accumulation-dtype inputs.
+    replaces :func:`dots` on the accumulation-dtype inputs; for traced arrays,
+    ``branch`` (e.g. ``jax.lax.cond``) lets the range rescue run only when a
+    row needs it instead of always.
     """
     x1, x2 = _align(xp, x1, x2, axis)
-    res = _stats(xp, x1, x2, axis, eps, eager, native_dots)
+    res = _stats(xp, x1, x2, axis, eps, eager, native_dots, branch)
     out = xp.astype(xp.squeeze(res.s, axis=axis), x1.dtype, copy=False)
     return out, res
 
@@ -454,6 +483,7 @@ def vjp(
     eager: bool = False,
     native_dots: Dots | None = None,
     native_elementwise: Elementwise | None = None,
+    branch: Branch | None = None,
 ) -> tuple[Array, Array]:
     """Gradients of ``sum(g * cosine_similarity(x1, x2))`` w.r.t. ``x1`` and ``x2``.
 
@@ -465,7 +495,9 @@ def vjp(
     """
     shape1, shape2 = tuple(x1.shape), tuple(x2.shape)
     if residuals is None:
-        _, residuals = forward(xp, x1, x2, axis, eps, eager=eager, native_dots=native_dots)
+        _, residuals = forward(
+            xp, x1, x2, axis, eps, eager=eager, native_dots=native_dots, branch=branch
+        )
     work = work_dtype(xp, x1.dtype)
     k = grad_coefficients(xp, g, residuals, axis, eps, work, eager=eager)
     x1a, x2a = _align(xp, x1, x2, axis)
@@ -734,3 +766,39 @@ def pairwise_vjp(
 def _no_product(h1: Array, h2: Array | None, dtype: Any) -> None:
     """Residuals only: the VJP does not need ``S``."""
     return None
+
+
+def pairwise_jvp(
+    xp: Any, t1: Array | None, t2: Array | None, x1: Array, x2: Array | None, eps: float
+) -> Array:
+    r"""Jacobian-vector product of :func:`pairwise_forward` along tangents ``(t1, t2)``.
+
+    The Jacobian of the row normalisation :math:`x \mapsto \hat x` is symmetric
+    (see :func:`row_normalize_vjp`), so the tangent of :math:`\hat x` is that
+    same function applied to the tangent, and
+
+    .. math::
+
+        \dot S = \dot{\hat X}_1 \hat X_2^{\mathsf T} + \hat X_1 \dot{\hat X}_2^{\mathsf T}
+        \quad(\text{self-similarity: } \dot{\hat X} \hat X^{\mathsf T}
+        + \hat X \dot{\hat X}^{\mathsf T}).
+
+    ``t1``, ``t2`` have the shapes of ``x1``, ``x2`` (``None``: a zero tangent;
+    ``t2`` is ignored when ``x2`` is ``None``). Returns ``S``'s tangent in ``x1``'s dtype.
+    """
+    if x2 is not None:
+        x1, x2 = _align_last(xp, x1, x2)
+    r1 = normalize_rows(xp, x1, eps)
+    r2 = r1 if x2 is None else normalize_rows(xp, x2, eps)
+    h1, h2 = r1.xhat, r2.xhat
+
+    def tangent(r: RowNorms, t: Array | None, like: Array) -> Array:
+        if t is None:
+            return xp.zeros_like(r.xhat)
+        t = xp.broadcast_to(xp.astype(t, r.xhat.dtype, copy=False), tuple(like.shape))
+        return row_normalize_vjp(xp, r, t)
+
+    d1 = tangent(r1, t1, x1)
+    d2 = d1 if x2 is None else tangent(r2, t2, x2)
+    out = xp.matmul(d1, xp.matrix_transpose(h2)) + xp.matmul(h1, xp.matrix_transpose(d2))
+    return xp.astype(out, x1.dtype, copy=False)

@@ -13,6 +13,7 @@ gradient of the result's dtype that broadcasts to the result's shape).
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -32,7 +33,22 @@ _GENERIC = "polycos._array_api"
 
 def adapter_for(x: Any) -> ModuleType:
     """The adapter module for arrays like ``x`` (imported on first use)."""
+    name = _GENERIC
     for predicate, module in _ROUTES:
         if getattr(array_api_compat, predicate)(x):
-            return importlib.import_module(module)
-    return importlib.import_module(_GENERIC)
+            name = module
+            break
+    # Already imported: a dict look-up, which torch.compile can trace (import_module it cannot).
+    loaded = sys.modules.get(name)
+    return loaded if loaded is not None else _import(name)
+
+
+def _import(name: str) -> ModuleType:
+    if name == "polycos.torch":
+        # An import statement, not importlib: torch.compile traces the first
+        # call of a compiled function through here, and Dynamo runs import
+        # statements but refuses importlib.import_module.
+        import polycos.torch as module
+
+        return module
+    return importlib.import_module(name)

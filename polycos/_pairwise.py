@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,12 @@ __all__ = [
 PRODUCT_ELEMENTS = 1 << 23
 #: Elements of one float64 block of the product matrix (NumPy, large inputs).
 BLOCK_ELEMENTS = 1 << 20
+
+
+#: ``pairwise(x1, x2_or_None, eps) -> S`` and ``pairwise_vjp(g, x1, x2_or_None, eps)
+#: -> (d1, d2_or_None)`` on validated ``(..., N, D)`` inputs: what a backend supplies.
+Pairwise = Callable[[Any, Any, float], Any]
+PairwiseVJP = Callable[[Any, Any, Any, float], "tuple[Any, Any]"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -451,14 +458,16 @@ def detect(call: Call, x1: Any = None, x2: Any = None) -> OuterPlan | None:
     return OuterPlan(shape, axis, tuple(batch), tuple(left), tuple(right))
 
 
-def forward_outer(call: Call) -> Any | None:
+def forward_outer(call: Call, pairwise: Pairwise | None = None) -> Any | None:
     """The result of an outer-product call by the matrix path, or ``None`` if it is not one.
 
-    Serves the generic backends (NumPy, CuPy, array-api-strict, dask, ...);
-    the torch and JAX adapters route detected calls to their own pairwise
-    functions (autodiff-aware), so ``None`` is returned for their arrays.
+    ``pairwise(x1, x2, eps)`` computes the ``(..., N, M)`` matrix of canonical
+    inputs; by default the generic one (NumPy, CuPy, array-api-strict,
+    dask, ...). The torch and JAX adapters pass their own, autodiff-aware,
+    functions (from their ``forward``); without one, ``None`` is returned for
+    their arrays so that they are routed to the adapter.
     """
-    if array_api_compat.is_torch_array(call.x1) or array_api_compat.is_jax_array(call.x1):
+    if pairwise is None and _has_autodiff(call.x1):
         return None
     nd = len(call.shape)
     x1, x2 = _collapse(call.x1, call.x2, nd) if nd >= 3 else (call.x1, call.x2)
@@ -469,24 +478,36 @@ def forward_outer(call: Call) -> Any | None:
     a1, a2 = plan.canonical(xp, x1, plan.left), plan.canonical(xp, x2, plan.right)
     if plan.swap:
         a1, a2 = a2, a1
-    return plan.output(xp, _generic_forward(xp, a1, a2, call.eps))
+    if pairwise is None:
+        return plan.output(xp, _generic_forward(xp, a1, a2, call.eps))
+    return plan.output(xp, pairwise(a1, a2, call.eps))
 
 
-def vjp_outer(grad: Any, call: Call) -> tuple[Any, Any] | None:
-    """:func:`polycos.cosine_similarity_vjp` of an outer-product call by matrix products, or ``None``."""
-    if array_api_compat.is_torch_array(call.x1) or array_api_compat.is_jax_array(call.x1):
+def _has_autodiff(x: Any) -> bool:
+    return array_api_compat.is_torch_array(x) or array_api_compat.is_jax_array(x)
+
+
+def vjp_outer(
+    grad: Any, call: Call, pairwise_vjp: PairwiseVJP | None = None
+) -> tuple[Any, Any] | None:
+    """:func:`polycos.cosine_similarity_vjp` of an outer-product call by matrix products, or ``None``.
+
+    ``pairwise_vjp(g, x1, x2, eps)`` as for :func:`forward_outer`.
+    """
+    if pairwise_vjp is None and _has_autodiff(call.x1):
         return None
     plan = detect(call)
     if plan is None:
         return None
     xp = call.xp
+    vjp = pairwise_vjp or (lambda g, a, b, eps: _generic_vjp(xp, g, a, b, eps))
     out_shape = tuple(d for k, d in enumerate(call.shape) if k != call.axis)
     g = plan.grad(xp, xp.broadcast_to(grad, out_shape))
     a1, a2 = plan.canonical(xp, call.x1, plan.left), plan.canonical(xp, call.x2, plan.right)
     if plan.swap:
-        d2, d1 = _generic_vjp(xp, g, a2, a1, call.eps)
+        d2, d1 = vjp(g, a2, a1, call.eps)
     else:
-        d1, d2 = _generic_vjp(xp, g, a1, a2, call.eps)
+        d1, d2 = vjp(g, a1, a2, call.eps)
     return (
         plan.uncanonical(xp, d1, tuple(call.x1.shape), plan.left),
         plan.uncanonical(xp, d2, tuple(call.x2.shape), plan.right),

@@ -59,7 +59,9 @@ def broadcast_shapes(*shapes: tuple, names: tuple[str, ...] = ()) -> tuple:
 
     ``None`` (an unknown dask dimension) broadcasts with anything.
     """
-    ndim = max((len(s) for s in shapes), default=0)
+    ndim = 0
+    for s in shapes:  # not max(genexpr, default=0): torch.compile cannot trace that
+        ndim = max(ndim, len(s))
     out: list[int | None] = []
     for i in range(-ndim, 0):
         sizes = {s[i] for s in shapes if len(s) >= -i} - {1}
