@@ -48,8 +48,10 @@ Numerics
   float64), rows whose sum of squares overflowed or fell below the normal
   range are recomputed from ``x / max|x|``, the way LAPACK's ``nrm2`` scales.
   With concrete arrays (``eager=True``) that second pass runs only if such a
-  row exists; traced and lazy arrays always take the scaled path for those
-  dtypes; only the offending rows take the rescaled values. The VJP is
+  row exists; traced arrays whose backend supplies a ``branch`` (JAX:
+  ``lax.cond``) compile it but run it only then; other traced and lazy arrays
+  always take the scaled path for those dtypes. Only the offending rows take
+  the rescaled values. The VJP is
   written as ``(g/c1) * (x2/c2 - [n1 > eps] s x1/c1)``: the normalised vectors
   are bounded, so no intermediate overflows unless ``g/c`` does (norms below
   about ``1/finfo.max``, where the gradient's own scale is not representable).

@@ -594,7 +594,14 @@ MEMORY_SCRIPT = textwrap.dedent(
     s2 = polycos.cosine_similarity(z[None], z[:, None], dim=2)
     (s2 * torch.randn(2048, 2048)).sum().backward()
     assert torch.isfinite(z.grad).all()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM is this process's own peak: ru_maxrss would also count the parent's
+    # RSS at fork time (Linux keeps it across exec), i.e. the whole pytest run.
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        print(int(hwm.split()[1]) * 1024)
+    except OSError:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     """
 )
 
