@@ -140,13 +140,29 @@ def test_zero_dim_inputs():
 # --------------------------------------------------------------------------- values, parity (G1, G2)
 
 
+def xla_sees(x):
+    """``x`` as XLA computes with it: on CPU (and GPU) XLA flushes subnormal
+    inputs to zero (denormals-are-zero), so the definition is checked on that."""
+    a = to_numpy(x)
+    tiny = float(jnp.finfo(x.dtype).smallest_normal)
+    return np.where(np.abs(a.astype(np.float64)) < tiny, np.zeros_like(a), a)
+
+
+def test_xla_flushes_subnormals_so_they_count_as_zero():
+    # Why the reference is taken on xla_sees(...): a row of subnormals is a zero row in XLA.
+    x2 = jnp.array([5.877472e-39, 1e-39], jnp.float32)
+    s = pj.cosine_similarity(jnp.ones(2, jnp.float32), x2, dim=0, eps=0.0)
+    expected = reference(np.ones(2, np.float32), xla_sees(x2), 0, 0.0)
+    assert float(s) == float(expected)
+
+
 @given(case=cosine_inputs(jnp, dtypes=("float32", "float16", "bfloat16")))
 def test_matches_reference_and_numpy_under_jit(case):
     s = jitted(case.dim, case.eps)(case.x1, case.x2)
     assert s.dtype == case.x1.dtype
-    assert_matches_reference(s, case.x1, case.x2, case.dim, case.eps)  # G1, G2 (1 ulp)
+    a1, a2 = xla_sees(case.x1), xla_sees(case.x2)
+    assert_matches_reference(s, a1, a2, case.dim, case.eps)  # G1, G2 (1 ulp)
     if str(s.dtype) != "bfloat16":  # NumPy has no bfloat16
-        a1, a2 = to_numpy(case.x1), to_numpy(case.x2)
         expected = polycos.cosine_similarity(a1, a2, case.dim, case.eps)
         np.testing.assert_allclose(
             np.asarray(s, np.float64), expected, rtol=0, atol=2 * float(jnp.finfo(s.dtype).eps)
@@ -161,9 +177,9 @@ def test_vjp_matches_reference_and_numpy_under_jit(case, data):
     grads = _vjp_jit(case.x1, case.x2, gj, case.dim, case.eps)
     assert [t.shape for t in grads] == [case.x1.shape, case.x2.shape]
     assert all(t.dtype == case.x1.dtype for t in grads)
-    assert_vjp_matches_reference(grads, to_numpy(gj), case.x1, case.x2, case.dim, case.eps)
+    a1, a2 = xla_sees(case.x1), xla_sees(case.x2)
+    assert_vjp_matches_reference(grads, to_numpy(gj), a1, a2, case.dim, case.eps)
     if str(case.x1.dtype) == "float32":
-        a1, a2 = to_numpy(case.x1), to_numpy(case.x2)
         want = polycos.cosine_similarity_vjp(to_numpy(gj), a1, a2, case.dim, case.eps)
         assert_vjp_matches_reference(want, to_numpy(gj), a1, a2, case.dim, case.eps)
         for got, ref in zip(grads, want, strict=True):
@@ -178,10 +194,11 @@ def test_x64_on_matches_reference(case):
             x1, x2 = x1.astype(jnp.float64), x2.astype(jnp.float64)
         s = jitted(case.dim, case.eps)(x1, x2)
         assert s.dtype == x1.dtype
-        assert_matches_reference(s, x1, x2, case.dim, case.eps)
+        r1, r2 = xla_sees(x1), xla_sees(x2)
+        assert_matches_reference(s, r1, r2, case.dim, case.eps)
         g = jnp.ones(s.shape, s.dtype)
         grads = vjp_of(partial(pj.cosine_similarity, dim=case.dim, eps=case.eps), x1, x2, g)
-        assert_vjp_matches_reference(grads, np.ones(s.shape), x1, x2, case.dim, case.eps)
+        assert_vjp_matches_reference(grads, np.ones(s.shape), r1, r2, case.dim, case.eps)
 
 
 @given(pair=rows(), eps=st.sampled_from([1e-8, 1e-3, 0.5, 3.0]))
