@@ -71,14 +71,16 @@ def _dots(x1: jax.Array, x2: jax.Array, axis: int, compensated: bool) -> tuple[j
     differs.
 
     Compensated (float32 with ``jax_enable_x64`` off: nothing wider exists),
+    every product is split exactly into ``p + e`` (Dekker's TwoProduct) and
     each sum is carried as an unevaluated pair ``hi + lo`` combined by Knuth's
-    error-free TwoSum, in the same single pass. The core's
-    :func:`polycos._core.accurate_dot` (exact products, a pairwise tree of
-    TwoSums) costs about 20 XLA passes; here the products are rounded once
-    (relative error ``u/2`` each, so at most ``u/2 * sum|x1 x2| <= u/2 * n1 n2``
-    in the dot product, a quarter of an ulp of ``s``) and the summation error,
-    which is what grows with ``D``, is removed. Measured 45 ms against 2.1 s
-    for the core's tree at N = 65536, D = 256 on the 2-core benchmark machine.
+    error-free TwoSum, in the same single pass: the sums are as accurate as in
+    twice the working precision, like the core's
+    :func:`polycos._core.accurate_dot`, which evaluates them with a pairwise
+    tree of TwoSums costing about 20 XLA passes. Measured at N = 65536,
+    D = 256 on the 2-core benchmark machine: 2.1 s for the tree; 58 ms for
+    this reduce with rounded products, which let parallel rows come out as
+    ``1 - 2**-23`` (1 ulp(1.0) off); about twice that with exact products,
+    which is what runs.
     """
     acc = _core.accumulation_dtype(_xp, x1.dtype, x1)
     a1, a2 = x1.astype(acc), x2.astype(acc)
@@ -95,7 +97,10 @@ def _dots(x1: jax.Array, x2: jax.Array, axis: int, compensated: bool) -> tuple[j
 def _compensated_sums(a1: jax.Array, a2: jax.Array, axis: int) -> tuple[jax.Array, ...]:
     """``(w12, w11, w22, l12, l11, l22)``: double-word sums, rounded, and their remainders."""
     zero = jnp.zeros((), a1.dtype)
-    products = (a1 * a2, zero, a1 * a1, zero, a2 * a2, zero)
+    factor = _core._split_factor(a1.dtype)
+    # Each product exactly, as p + e (TwoProduct); the e's start the low words.
+    pairs = ((a1, a2), (a1, a1), (a2, a2))
+    products = [t for u, v in pairs for t in _core._two_product(jnp, u, v, factor)]
     products = tuple(jnp.broadcast_to(p, a1.shape) for p in products)
     hi12, lo12, hi11, lo11, hi22, lo22 = lax.reduce(products, (zero,) * 6, _two_sums, (axis,))
     sums = []

@@ -385,6 +385,17 @@ def test_vmap_over_rows_and_over_other_axes(pair, data):
 # --------------------------------------------------------------------------- guarantees inside jit
 
 
+@given(x=rows().map(lambda p: p[0]), c=st.floats(0.3, 3.0))
+def test_parallel_rows_within_half_ulp_without_x64(x, c):
+    # Products rounded once, or s formed as a plain float32 w12 / sqrt(w11 w22),
+    # give 1 - 2**-23 here (1.0 ulp(1.0)); the exact sums and the precise
+    # quotient keep parallel rows within half of G2's bound.
+    y = (np.float32(c) * x).astype(np.float32)
+    ref = reference(x, y, 1, 0.0)
+    s = np.asarray(jitted(1, 0.0)(jnp.asarray(x), jnp.asarray(y)), np.float64)
+    assert np.max(np.abs(s - ref), initial=0.0) <= 0.5 * 2.0**-23
+
+
 @given(x=rows().map(lambda p: p[0]))
 def test_g1_identical_vectors_bounded(x):
     for dtype in (jnp.float32, jnp.float16, jnp.bfloat16):
