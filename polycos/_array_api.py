@@ -94,10 +94,10 @@ class _Blocks:
         """:func:`polycos._core.dots` block by block, in the accumulation dtype."""
         xp = self.xp
         acc = _core.accumulation_dtype(xp, x1.dtype, x1)
+        upcast1, upcast2 = self._upcaster(x1, acc), self._upcaster(x2, acc)
         parts = []
         for lo, hi in self:
-            a1 = xp.astype(self.take(x1, lo, hi), acc, copy=False)
-            a2 = xp.astype(self.take(x2, lo, hi), acc, copy=False)
+            a1, a2 = upcast1(lo, hi), upcast2(lo, hi)
             parts.append(_core.dots(xp, a1, a2, axis, compensated=compensated))
         # <x1,x2> has a row per block row; <x1,x1> only if x1 is not broadcast along k.
         along = [True, x1.shape[self.k] != 1, x2.shape[self.k] != 1] * 2
@@ -105,6 +105,30 @@ class _Blocks:
             xp.concat(ws, axis=self.k) if full else ws[0]
             for ws, full in zip(zip(*parts, strict=True), along, strict=False)
         )
+
+    def _upcaster(self, x: Any, acc: Any) -> Any:
+        """``(lo, hi) -> rows lo:hi of x in acc``, converted into one reused buffer.
+
+        A fresh accumulation-dtype block per iteration costs an allocation (and,
+        above the allocator's mmap threshold, page faults) each time; one buffer
+        stays in cache.
+        """
+        if x.dtype == acc:
+            return lambda lo, hi: self.take(x, lo, hi)
+        k = self.k - (len(self.shape) - x.ndim)
+        if k < 0 or x.shape[k] == 1:  # broadcast along the blocks: convert once
+            whole = self.xp.astype(x, acc)
+            return lambda lo, hi: whole
+        shape = list(x.shape)
+        shape[k] = min(self.rows, shape[k])
+        buf = self.xp.empty(tuple(shape), dtype=acc)
+
+        def upcast(lo: int, hi: int) -> Any:
+            out = buf[(slice(None),) * k + (slice(0, hi - lo),)]
+            out[...] = self.take(x, lo, hi)
+            return out
+
+        return upcast
 
     def elementwise(self, x1: Any, x2: Any, coefs: _core.GradCoefficients) -> tuple[Any, Any]:
         """:func:`polycos._core.grad_elementwise` block by block, in place where possible."""

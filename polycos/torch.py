@@ -464,19 +464,7 @@ def cosine_similarity(
     tensor(0.)
     """
     _check_tensors(x1, x2)
-    x1, x2 = _autocast_inputs(x1, x2)
-    outer = _outer(x1, x2, dim, eps)
-    if outer is not None:
-        return outer
-    return _function().apply(x1, x2, dim, eps)[0]
-
-
-def _outer(x1: torch.Tensor, x2: torch.Tensor, dim: Any, eps: Any) -> torch.Tensor | None:
-    """An outer-product broadcast (e.g. seed 001's ``z[None]`` vs ``z[:, None]``) as a
-    matrix product, in ``O(N M)`` memory; ``None`` for every other call."""
-    if x1.ndim < 3 and x2.ndim < 3:  # an outer product needs two axes besides dim
-        return None
-    return _pairwise_module.forward_outer(validate(x1, x2, dim, eps), _pairwise)
+    return forward(validate(x1, x2, dim, eps))
 
 
 class CosineSimilarity(nn.Module):
@@ -523,9 +511,13 @@ class CosineSimilarity(nn.Module):
 def forward(call: Call) -> torch.Tensor:
     """``polycos.cosine_similarity`` on tensors: the autograd Function on a validated call."""
     x1, x2 = _autocast_inputs(call.x1, call.x2)
-    outer = _outer(x1, x2, call.axis, call.eps)
-    if outer is not None:
-        return outer
+    if x1 is not call.x1 or x2 is not call.x2:  # CUDA autocast widened half inputs
+        call = validate(x1, x2, call.axis, call.eps)
+    if len(call.shape) >= 3:  # an outer-product broadcast needs two axes besides dim
+        # e.g. seed 001's z[None] vs z[:, None]: one matrix product, O(N M) memory
+        outer = _pairwise_module.forward_outer(call, _pairwise)
+        if outer is not None:
+            return outer
     return _function().apply(x1, x2, call.axis, call.eps)[0]
 
 
