@@ -212,7 +212,10 @@ def cosine_similarity_with_vjp(
     def vjp(grad: Array) -> tuple[Array, Array]:
         grad = _check_grad(grad, call)
         if outer is not None:
-            return _pairwise.vjp_outer(grad, call)  # type: ignore[return-value]
+            # The forward may see an outer product where the VJP cannot (stride-0
+            # axes count as broadcast for the value only): then the direct VJP.
+            grads = _pairwise.vjp_outer(grad, call)
+            return grads if grads is not None else adapter.vjp(grad, call)
         if residuals is not None:
             return adapter.vjp(grad, call, residuals)
         return adapter.vjp(grad, call)

@@ -410,6 +410,8 @@ def _expanded_axes(x: Any) -> frozenset[int]:
     """Axes of size > 1 and stride 0 of a NumPy/CuPy array (empty for other libraries)."""
     if not (array_api_compat.is_numpy_array(x) or array_api_compat.is_cupy_array(x)):
         return frozenset()
+    if x.size == 0:  # an empty array's strides say nothing about broadcasting
+        return frozenset()
     return frozenset(
         k for k, (n, st) in enumerate(zip(x.shape, x.strides, strict=True)) if st == 0 and n > 1
     )
