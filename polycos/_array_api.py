@@ -20,7 +20,7 @@ import array_api_compat
 from polycos import _core
 from polycos._validate import Call
 
-__all__ = ["forward", "forward_with_residuals", "vjp"]
+__all__ = ["forward", "forward_with_residuals", "row_dots", "vjp"]
 
 #: Elements of one input per block on NumPy (256 Ki: 2 MB in float64, L2/L3-resident).
 BLOCK_ELEMENTS = 1 << 18
@@ -149,6 +149,29 @@ class _Blocks:
             self.put(g1, lo, hi, b1)
             self.put(g2, lo, hi, b2)
         return g1, g2
+
+
+def row_dots(r1: Any, r2: Any, acc: Any) -> tuple[Any, Any, Any]:
+    """:func:`polycos._core.dots` of NumPy ``(rows, d)`` arrays, in ``acc``, without keepdims.
+
+    Rows are converted block by block into two cached ``acc`` buffers (kept in
+    cache, allocated once) and reduced there. Used by the PyTorch adapter's CPU
+    fast path on the tensors' shared memory.
+    """
+    import numpy as np
+
+    n, d = r1.shape
+    out = np.empty((3, n), dtype=acc)
+    rows = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
+    buf1, buf2 = np.empty((rows, d), dtype=acc), np.empty((rows, d), dtype=acc)
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        a1, a2 = buf1[: hi - lo], buf2[: hi - lo]
+        a1[...] = r1[lo:hi]
+        a2[...] = r2[lo:hi]
+        for i, w in enumerate(_core.dots(np, a1, a2, 1)):
+            out[i, lo:hi] = w[:, 0]
+    return out[0], out[1], out[2]
 
 
 def forward(call: Call) -> Any:

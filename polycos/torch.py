@@ -16,12 +16,13 @@ What the adapter adds is how the core runs on tensors:
   :func:`torch.func.vmap` can batch; ``maximum`` with a Python-scalar bound is
   ``clamp_min``, which Dynamo can trace. No value is ever read back to the host.
 * **CPU fast path.** On CPU, eager, for inputs of one shape, the two heavy
-  passes (the three float64 row reductions of float32 inputs, and the
-  gradient's elementwise pass) run over blocks of rows that stay in cache: the
-  reductions as a batched 2x2 Gram matrix (``bmm``) of each block upcast to the
-  accumulation dtype, the gradient through the core's ``grad_elementwise`` into
-  preallocated slices. Under ``torch.compile``, :mod:`torch.func` transforms,
-  on other devices or while building a graph, the core runs as written.
+  passes run over blocks of rows that stay in cache: the three row sums
+  (float64 for float32 inputs) by NumPy's ``vecdot`` on the tensors' shared
+  memory (``polycos._array_api.row_dots``; zero-copy, about 1.7x faster than
+  torch's eager ops here), and the gradient through the core's
+  ``grad_elementwise`` into preallocated slices. Under ``torch.compile``,
+  :mod:`torch.func` transforms, on other devices or while building a graph,
+  the core runs as written, in torch ops.
 * **Residuals.** ``forward`` returns the core's residuals ``(s, n1, n2)`` as
   extra non-differentiable outputs (the pattern of PyTorch's "saving
   intermediates" recipe); backward reuses them, and recomputes them
@@ -59,7 +60,7 @@ import array_api_compat.torch as _compat
 import torch
 from torch import nn
 
-from polycos import _core
+from polycos import _array_api, _core
 from polycos import _pairwise as _pairwise_module
 from polycos._validate import Call, validate
 
@@ -158,32 +159,27 @@ def _rows(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def _block_dots(x1: torch.Tensor, x2: torch.Tensor, axis: int, compensated: bool) -> tuple:
-    """:func:`polycos._core.dots` for equal-shape CPU inputs: a 2x2 Gram matrix per row.
+    """:func:`polycos._core.dots` for equal-shape CPU inputs, by NumPy over cached blocks.
 
-    Each block of rows is upcast into a cached ``(rows, 2, d)`` buffer of the
-    accumulation dtype and multiplied by its transpose (``bmm``): the three
-    sums in the accumulation dtype, with one pass over the inputs.
+    A plain CPU tensor shares its memory with a NumPy array, and NumPy's
+    ``vecdot`` over a cache-resident float64 copy of each block of rows
+    evaluates the three sums about 1.7x faster than torch's eager ops can
+    (measured: 24 ms against 40 ms for 65536 x 256 float32 rows on one core;
+    a float64 ``bmm`` of 2 x 2 Gram matrices took 33 ms). Same sums, same
+    accumulation dtype; only where they are evaluated differs.
     """
     acc = _core.accumulation_dtype(xp, x1.dtype, x1)
-    if compensated or not _fast(x1, x2):
+    if compensated or not _fast(x1, x2) or x1.dtype not in _NUMPY_DTYPES:
         a1, a2 = xp.astype(x1, acc, copy=False), xp.astype(x2, acc, copy=False)
         return _core.dots(xp, a1, a2, axis, compensated=compensated)
-    d = x1.shape[axis]
-    r1, r2 = _rows(x1, axis), _rows(x2, axis)
-    n = r1.shape[0]
-    step = max(1, BLOCK_ELEMENTS // max(d, 1))
-    gram = torch.empty((n, 2, 2), dtype=acc, device=x1.device)
-    buf = torch.empty((min(step, n), 2, d), dtype=acc, device=x1.device)
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
-        b = buf[: hi - lo]
-        b[:, 0].copy_(r1[lo:hi])
-        b[:, 1].copy_(r2[lo:hi])
-        torch.bmm(b, b.mT, out=gram[lo:hi])
+    r1, r2 = _rows(x1, axis).detach().numpy(), _rows(x2, axis).detach().numpy()
+    sums = _array_api.row_dots(r1, r2, _NUMPY_DTYPES[acc])
     keep = torch.movedim(x1, axis, -1).shape[:-1]
-    return tuple(
-        torch.movedim(gram[:, i, j].reshape(*keep, 1), -1, axis) for i, j in ((0, 1), (0, 0), (1, 1))
-    )
+    return tuple(torch.movedim(torch.from_numpy(w).reshape(*keep, 1), -1, axis) for w in sums)
+
+
+#: torch dtypes the CPU fast path hands to NumPy, and their NumPy names.
+_NUMPY_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 
 
 def _block_elementwise(

@@ -470,7 +470,8 @@ def test_cpu_blocks_match_the_generic_core(block, monkeypatch):
     gen = torch.Generator().manual_seed(11)
     x1 = torch.randn(37, 9, 5, generator=gen, requires_grad=True)
     x2 = torch.randn(37, 9, 5, generator=gen, requires_grad=True)
-    monkeypatch.setattr(pt, "BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(pt, "BLOCK_ELEMENTS", block)  # the gradient's blocks
+    monkeypatch.setattr(pt._array_api, "BLOCK_ELEMENTS", block)  # the forward sums' blocks
     s = cosine_similarity(x1, x2, 1)
     g = torch.autograd.grad(s.sum(), (x1, x2))
     with torch.enable_grad():  # the generic path: a graph is being recorded
