@@ -188,7 +188,9 @@ def pairwise_cosine_similarity(x1: Any, x2: Any | None = None, *, eps: float = 1
     dim=-1, eps=eps)``, computed as one matrix product after normalising the
     rows: ``O(N·M + (N + M)·D)`` memory, never ``N·M·D``. For float32 inputs
     the product runs in float64, so every entry is within 1 ulp(1.0) of the
-    exact value; ``|S| <= 1``; zero rows give 0 (also with ``eps=0``); NaN or
+    exact value (except on JAX with ``jax_enable_x64`` off, where no float64
+    exists and the float32 product is off by a few ulp(1.0); see
+    docs/pairwise.md); ``|S| <= 1``; zero rows give 0 (also with ``eps=0``); NaN or
     inf in a row gives NaN in that row (or column) only.
 
     Parameters

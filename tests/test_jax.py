@@ -588,3 +588,15 @@ def test_pairwise_check_grads_second_order():
             lambda a, b: pj.cosine_similarity(a[None], b[:, None], dim=2), (z, y), order=2,
             modes=["rev"],
         )
+
+
+@given(pair=rows(n_max=5, d_max=40), data=st.data())
+def test_pairwise_with_x64_within_one_ulp(pair, data):
+    # With x64 on, float32 rows are normalised and multiplied in float64: G2 holds.
+    # (With x64 off the product is a float32 matrix product; see docs/pairwise.md.)
+    x, y = pair
+    y = y[: data.draw(st.integers(1, y.shape[0]))]
+    with enable_x64():
+        s = polycos.pairwise_cosine_similarity(jnp.asarray(x), jnp.asarray(y))
+        assert s.dtype == jnp.float32
+        assert_matches_reference(np.asarray(s), x[:, None, :], y[None, :, :], -1, 1e-8)
