@@ -151,27 +151,19 @@ class _Blocks:
         return g1, g2
 
 
-def row_dots(r1: Any, r2: Any, acc: Any) -> tuple[Any, Any, Any]:
-    """:func:`polycos._core.dots` of NumPy ``(rows, d)`` arrays, in ``acc``, without keepdims.
+def row_dots(r1: Any, r2: Any) -> tuple[Any, Any, Any]:
+    """:func:`polycos._core.dots` of non-empty NumPy ``(rows, d)`` arrays, without keepdims.
 
-    Rows are converted block by block into two cached ``acc`` buffers (kept in
-    cache, allocated once) and reduced there. Used by the PyTorch adapter's CPU
-    fast path on the tensors' shared memory.
+    The blocked evaluation of the NumPy backend (cache-sized blocks of rows
+    upcast into reused buffers), for the PyTorch adapter's CPU fast path on
+    the tensors' shared memory.
     """
     import numpy as np
 
     n, d = r1.shape
-    out = np.empty((3, n), dtype=acc)
     rows = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
-    buf1, buf2 = np.empty((rows, d), dtype=acc), np.empty((rows, d), dtype=acc)
-    for lo in range(0, n, rows):
-        hi = min(lo + rows, n)
-        a1, a2 = buf1[: hi - lo], buf2[: hi - lo]
-        a1[...] = r1[lo:hi]
-        a2[...] = r2[lo:hi]
-        for i, w in enumerate(_core.dots(np, a1, a2, 1)):
-            out[i, lo:hi] = w[:, 0]
-    return out[0], out[1], out[2]
+    w12, w11, w22 = _Blocks(np, (n, d), 1, 0, rows).dots(r1, r2, 1, compensated=False)
+    return w12[:, 0], w11[:, 0], w22[:, 0]
 
 
 def forward(call: Call) -> Any:

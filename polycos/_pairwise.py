@@ -482,8 +482,7 @@ def forward_outer(call: Call, pairwise: Pairwise | None = None) -> Any | None:
     a1, a2 = plan.canonical(xp, x1, plan.left), plan.canonical(xp, x2, plan.right)
     if plan.swap:
         a1, a2 = a2, a1
-    if pairwise is None:
-        return plan.output(xp, _generic_forward(xp, a1, a2, call.eps))
+    pairwise = pairwise or (lambda a, b, eps: _generic_forward(xp, a, b, eps))
     return plan.output(xp, pairwise(a1, a2, call.eps))
 
 

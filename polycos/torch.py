@@ -169,17 +169,17 @@ def _block_dots(x1: torch.Tensor, x2: torch.Tensor, axis: int, compensated: bool
     accumulation dtype; only where they are evaluated differs.
     """
     acc = _core.accumulation_dtype(xp, x1.dtype, x1)
-    if compensated or not _fast(x1, x2) or x1.dtype not in _NUMPY_DTYPES:
+    if compensated or not _fast(x1, x2) or x1.dtype not in _NUMPY_DTYPES or x1.numel() == 0:
         a1, a2 = xp.astype(x1, acc, copy=False), xp.astype(x2, acc, copy=False)
         return _core.dots(xp, a1, a2, axis, compensated=compensated)
     r1, r2 = _rows(x1, axis).detach().numpy(), _rows(x2, axis).detach().numpy()
-    sums = _array_api.row_dots(r1, r2, _NUMPY_DTYPES[acc])
+    sums = _array_api.row_dots(r1, r2)
     keep = torch.movedim(x1, axis, -1).shape[:-1]
     return tuple(torch.movedim(torch.from_numpy(w).reshape(*keep, 1), -1, axis) for w in sums)
 
 
-#: torch dtypes the CPU fast path hands to NumPy, and their NumPy names.
-_NUMPY_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
+#: torch dtypes the CPU fast path hands to NumPy (bfloat16 has no NumPy dtype).
+_NUMPY_DTYPES = (torch.float16, torch.float32)
 
 
 def _block_elementwise(
