@@ -230,7 +230,18 @@ PC_HD Stats<A> finish(A w12, A w11, A w22, A l12, A l11, A l22, A m1, A m2, A ep
     // Above eps: sqrt(w11 * w22), one rounding and s(x, x) == 1 exactly.
     const A den = (above1 && above2) ? psqrt(w11 * w22) : pmax(n1s, e1) * pmax(n2s, e2);
     A s = safe_div(w12, den);
-    if (COMP) {
+    if (COMP && above1 && above2) {
+        // _core._precise_quotient: the product, root and quotient roundings
+        // recovered exactly and folded into one correction; s rounds once.
+        const A p = w11 * w22, pe = pfma(w11, w22, -p);
+        A r = psqrt(p);
+        r = r > A(0) ? r : A(1);
+        const A rr = r * r, rre = pfma(r, r, -rr);
+        const A dr = (((p - rr) - rre) + pe + (w11 * l22 + w22 * l11)) / (A(2) * r);
+        const A q = w12 / r;
+        const A qr = q * r, qre = pfma(q, r, -qr);
+        s = q + (((w12 - qr) - qre) + l12 - q * dr) / r;
+    } else if (COMP) {
         const A rel = (above1 ? safe_div(l11, A(2) * w11) : A(0))
                     + (above2 ? safe_div(l22, A(2) * w22) : A(0));
         s = s + (safe_div(l12, den) - s * rel);
