@@ -282,6 +282,15 @@ def test_bad_eps_and_grad():
 # --------------------------------------------------------------------------- gradients
 
 
+def _row_norms(x):
+    """Row norms without overflow (x near 1e154 squares past float64's range)."""
+    a = np.abs(x.astype(np.float64))
+    m = np.max(a, axis=-1, keepdims=True, initial=0.0)
+    safe = np.where(m > 0, m, 1.0)
+    with np.errstate(all="ignore"):
+        return safe * np.linalg.norm(a / safe, axis=-1, keepdims=True)
+
+
 @given(pairwise_inputs())
 def test_vjp_matches_reference(case):
     x1, x2, eps = case
@@ -298,12 +307,15 @@ def test_vjp_matches_reference(case):
         with np.errstate(all="ignore"):
             scale = np.sum(
                 np.abs(g) + np.abs(np.swapaxes(g, -1, -2)), axis=-1, keepdims=True
-            ) / np.maximum(np.linalg.norm(x1.astype(np.float64), axis=-1, keepdims=True), eps)
+            ) / np.maximum(_row_norms(x1), eps)
         tol = 64 * np.finfo(x1.dtype).eps * np.where(np.isfinite(scale), scale, 0)
         tol = np.broadcast_to(tol, x1.shape)
         d = got[0].astype(np.float64)
-        assert np.array_equal(np.isnan(d), np.isnan(ref))
-        ok = np.isfinite(ref) & np.isfinite(tol)
+        # NaN row by row: a row whose partner holds inf may be NaN across (its
+        # normalised partner is NaN there), where the entrywise reference keeps
+        # the components that inf multiplies by 0 (found by the thorough profile).
+        assert np.array_equal(np.isnan(d).any(-1), np.isnan(ref).any(-1))
+        ok = np.isfinite(ref) & np.isfinite(tol) & ~np.isnan(ref).any(-1, keepdims=True)
         assert np.all(np.abs(d - ref)[ok] <= tol[ok] + 1e-300)
     else:
         assert got[0].shape == x1.shape
