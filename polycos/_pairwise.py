@@ -238,10 +238,12 @@ def pairwise_cosine_similarity(x1: Any, x2: Any | None = None, *, eps: float = 1
            [0.7071],
            [0.    ]])
 
-    The broadcast spelling gives the same matrix, by the same path:
+    The broadcast spelling of an outer product (rows of ``x`` against two or
+    more rows of ``y``) gives the same matrix, by the same path:
 
-    >>> s = polycos.cosine_similarity(x[:, None, :], y[None, :, :], dim=-1)
-    >>> np.array_equal(s, polycos.pairwise_cosine_similarity(x, y))
+    >>> y2 = np.array([[0.0, 2.0], [3.0, 1.0]])
+    >>> s = polycos.cosine_similarity(x[:, None, :], y2[None, :, :], dim=-1)
+    >>> np.array_equal(s, polycos.pairwise_cosine_similarity(x, y2))
     True
     """
     call = validate_pairwise(x1, x2, eps)
