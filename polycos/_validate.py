@@ -1,10 +1,15 @@
-"""Argument checks shared by every entry point.
+"""Argument checks and planning: every public call is validated and planned here, once.
 
 Everything here runs before any arithmetic, so a bad call fails at once with an
 exception that names the argument and the offending value, shape or type, and
-nothing is left half-done (spec section 4). No function here looks at array
-*values*: they all work on traced arrays (``jax.jit``, ``torch.compile``) and
-lazy ones (dask) too.
+nothing is left half-done (spec section 4). Nothing here reads array *values*:
+it works on traced arrays (``jax.jit``, ``torch.compile``, ``torch.jit.trace``,
+symbolic sizes) and lazy ones (dask, unknown chunk sizes included).
+
+The result is a :class:`Call` (row-wise) or :class:`PairwiseCall`: the inputs
+promoted to one floating dtype, the backend that serves them, the resolved
+axis and eps, and the outer-product plan. Backends receive it and never
+re-validate.
 """
 
 from __future__ import annotations
@@ -14,39 +19,73 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
+from polycos import _backends, _outer
 
 __all__ = [
     "Call",
+    "PairwiseCall",
     "broadcast_shapes",
     "check_eps",
+    "check_grad",
     "normalize_axis",
     "resolve_dim",
     "validate",
+    "validate_pairwise",
 ]
 
 
 @dataclass(frozen=True)
 class Call:
-    """A validated call: inputs promoted to one floating dtype, the axis resolved.
+    """A validated row-wise call.
 
-    ``x1`` and ``x2`` are *not* broadcast yet (broadcasting is left to the
-    arithmetic so no ``N*M*D`` array is ever built by validation); ``shape`` is
-    their broadcast shape and ``axis`` a non-negative index into it. A 0-d
-    broadcast shape is reported as ``shape == ()`` with ``axis == 0``; callers
-    reshape such inputs to ``(1,)``.
+    ``x1`` and ``x2`` are promoted to one real floating dtype but *not*
+    broadcast (so no ``N*M*D`` array is ever built); ``shape`` is their
+    broadcast shape and ``axis`` a non-negative index into it (a 0-d broadcast
+    shape has ``shape == ()``, ``axis == 0``). ``outer`` is the plan of an
+    outer-product broadcast (``None`` if it is not one).
     """
 
+    backend: Any
     xp: Any
     x1: Any
     x2: Any
-    shape: tuple[int, ...]
+    shape: tuple
     axis: int
     eps: float
+    outer: _outer.OuterPlan | None
 
     @property
     def dtype(self) -> Any:
         return self.x1.dtype
+
+    @property
+    def out_shape(self) -> tuple:
+        """The result's shape: the broadcast shape without ``axis``."""
+        return tuple(d for i, d in enumerate(self.shape) if i != self.axis)
+
+    @property
+    def empty(self) -> bool:
+        """The result has no elements (checked on known sizes only)."""
+        return any(type(d) is int and d == 0 for d in self.out_shape)
+
+
+@dataclass(frozen=True)
+class PairwiseCall:
+    """A validated pairwise call: one floating dtype, ``x2=None`` for self-similarity."""
+
+    backend: Any
+    xp: Any
+    x1: Any
+    x2: Any | None
+    eps: float
+    shape: tuple  #: result shape ``(..., N, M)``
+
+    @property
+    def dtype(self) -> Any:
+        return self.x1.dtype
+
+
+# --------------------------------------------------------------------------- pieces
 
 
 def _type_name(x: object) -> str:
@@ -54,27 +93,53 @@ def _type_name(x: object) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
+def _known(d: Any) -> bool:
+    """A size known as a number (dask's unknown chunk sizes are NaN or None)."""
+    if d is None:
+        return False
+    try:
+        return not (isinstance(d, float) and math.isnan(d))
+    except TypeError:  # symbolic sizes compare but are not floats
+        return True
+
+
 def broadcast_shapes(*shapes: tuple, names: tuple[str, ...] = ()) -> tuple:
     """Broadcast shapes by the array-API rules, naming the arguments on failure.
 
-    ``None`` (an unknown dask dimension) broadcasts with anything.
+    Sizes are compared with ``==`` only (never hashed or converted), so
+    symbolic sizes (``torch.compile`` with dynamic shapes, ``torch.export``,
+    ``torch.jit.trace``) stay symbolic. An unknown size (dask: NaN or None)
+    broadcasts with anything and stays unknown.
     """
     ndim = 0
-    for s in shapes:  # not max(genexpr, default=0): torch.compile cannot trace that
+    for s in shapes:  # not max(genexpr): Dynamo traces plain loops best
         ndim = max(ndim, len(s))
-    out: list[int | None] = []
+    out: list[Any] = []
     for i in range(-ndim, 0):
-        sizes = {s[i] for s in shapes if len(s) >= -i} - {1}
-        known = sizes - {None}
-        if len(known) > 1:
-            who = " and ".join(
-                f"{n} with shape {tuple(s)}" for n, s in zip(names, shapes, strict=False)
-            )
-            raise ValueError(
-                f"shapes do not broadcast: {who} (axis {i} has sizes {sorted(known)})"
-            )
-        out.append(known.pop() if known else (None if None in sizes else 1))
+        size: Any = 1
+        unknown: Any = None
+        for s in shapes:
+            if len(s) < -i:
+                continue
+            d = s[i]
+            if not _known(d):
+                unknown = d
+                continue
+            if d == 1:
+                continue
+            if size == 1:
+                size = d
+            elif not d == size:
+                who = " and ".join(
+                    f"{n} with shape {_shape_str(sh)}" for n, sh in zip(names, shapes, strict=False)
+                ) or ", ".join(_shape_str(sh) for sh in shapes)
+                raise ValueError(f"shapes do not broadcast: {who} (axis {i} has sizes {size} and {d})")
+        out.append(unknown if (unknown is not None and size == 1) else size)
     return tuple(out)
+
+
+def _shape_str(shape: tuple) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def normalize_axis(axis: Any, ndim: int, *, name: str = "dim", shape: tuple = ()) -> int:
@@ -85,7 +150,7 @@ def normalize_axis(axis: Any, ndim: int, *, name: str = "dim", shape: tuple = ()
     n = max(ndim, 1)
     if not -n <= axis < n:
         raise IndexError(
-            f"{name}={axis} is out of range for inputs broadcast to shape {tuple(shape)} "
+            f"{name}={axis} is out of range for inputs broadcast to shape {_shape_str(shape)} "
             f"(expected {-n} <= {name} < {n})"
         )
     return axis % n
@@ -103,75 +168,97 @@ def resolve_dim(dim: Any, axis: Any, default: int = 1) -> Any:
 
 
 def check_eps(eps: Any) -> float:
-    """``eps`` must be a finite, non-negative real number."""
+    """``eps`` must be a finite, non-negative real number (0-d arrays that convert are accepted)."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        # 0-d arrays (NumPy scalars, 0-d tensors) are accepted if they convert.
+        if isinstance(eps, bool) or getattr(eps, "shape", None) != ():
+            raise TypeError(f"eps must be a real number, got {eps!r} of type {type(eps).__name__}")
+        dtype = str(getattr(eps, "dtype", ""))
+        if "complex" in dtype or "bool" in dtype:
+            raise TypeError(f"eps must be a real number, got {eps!r} of dtype {dtype}")
         try:
-            if getattr(eps, "shape", None) != () or isinstance(eps, bool):
-                raise TypeError
             eps = float(eps)
         except (TypeError, ValueError):
             raise TypeError(
                 f"eps must be a real number, got {eps!r} of type {type(eps).__name__}"
             ) from None
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
+    try:
+        value = float(eps)
+    except OverflowError:  # e.g. 10**400
+        raise ValueError(f"eps must be finite and >= 0, got eps={eps!r} (too large for a float)") from None
+    if not 0 <= value < math.inf:  # comparisons, not math.isfinite: a symbolic float stays symbolic
         raise ValueError(f"eps must be finite and >= 0, got eps={eps!r}")
-    return eps
+    return value
 
 
-def namespace(x1: Any, x2: Any) -> Any:
-    """The array namespace shared by ``x1`` and ``x2`` (``TypeError`` otherwise)."""
-    for name, x in (("x1", x1), ("x2", x2)):
-        if not array_api_compat.is_array_api_obj(x):
-            raise TypeError(
-                f"{name} must be an array (NumPy, PyTorch, JAX, CuPy or another array-API "
-                f"library), got {_type_name(x)}"
-            )
-    try:
-        return array_api_compat.array_namespace(x1, x2)
-    except TypeError:
-        raise TypeError(
-            f"x1 and x2 must come from the same array library, got {_type_name(x1)} "
-            f"and {_type_name(x2)}"
-        ) from None
+def _backend_and_namespace(arrays: tuple[tuple[str, Any], ...]) -> tuple[Any, Any]:
+    backend = _backends.backend_for(arrays)
+    return backend, backend.namespace(arrays)
 
 
-def _is_dtype_kind(xp: Any, dtype: Any, kind: str) -> bool:
-    try:
-        return bool(xp.isdtype(dtype, kind))
-    except (TypeError, ValueError, AttributeError):  # e.g. ml_dtypes' bfloat16 in NumPy
-        return kind == "real floating" and getattr(dtype, "kind", "") == "V"
+# --------------------------------------------------------------------------- entry points
 
 
-def default_float(xp: Any, like: Any) -> Any:
-    try:
-        info = xp.__array_namespace_info__()
-        return info.default_dtypes(device=array_api_compat.device(like))["real floating"]
-    except Exception:
-        return xp.float64 if hasattr(xp, "float64") else xp.float32
-
-
-def promote(xp: Any, x1: Any, x2: Any) -> tuple[Any, Any]:
-    """Cast both inputs to their common real floating dtype (spec section 2.1)."""
-    for name, x in (("x1", x1), ("x2", x2)):
-        if _is_dtype_kind(xp, x.dtype, "complex floating"):
-            raise TypeError(f"{name} has complex dtype {x.dtype}; only real inputs are supported")
-    xs = []
-    for x in (x1, x2):
-        if _is_dtype_kind(xp, x.dtype, "real floating"):
-            xs.append(x)
-        else:  # integer and bool inputs become the backend's default float
-            xs.append(xp.astype(x, default_float(xp, x)))
-    dtype = xp.result_type(xs[0], xs[1])
-    return tuple(x if x.dtype == dtype else xp.astype(x, dtype) for x in xs)  # type: ignore[return-value]
-
-
-def validate(x1: Any, x2: Any, dim: Any, eps: Any) -> Call:
-    """Check every argument and return the resolved call (spec section 4)."""
-    xp = namespace(x1, x2)
+def validate(x1: Any, x2: Any, dim: Any, eps: Any, *, axis: Any = None) -> Call:
+    """Check every argument of a row-wise call and plan it (spec section 4)."""
+    dim = resolve_dim(dim, axis)
+    backend, xp = _backend_and_namespace((("x1", x1), ("x2", x2)))
+    x1, x2 = backend.accept(xp, (("x1", x1), ("x2", x2)))
     shape = broadcast_shapes(tuple(x1.shape), tuple(x2.shape), names=("x1", "x2"))
-    axis = normalize_axis(dim, len(shape), name="dim", shape=shape)
+    ax = normalize_axis(dim, len(shape), name="dim", shape=shape)
     eps = check_eps(eps)
-    p1, p2 = promote(xp, x1, x2)
-    return Call(xp=xp, x1=p1, x2=p2, shape=shape, axis=axis, eps=eps)
+    p1, p2 = backend.promote(xp, x1, x2)
+    outer = _outer.plan(shape, ax, tuple(p1.shape), tuple(p2.shape))
+    return Call(backend, xp, p1, p2, shape, ax, eps, outer)
+
+
+def validate_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall:
+    """Check the arguments of a pairwise call (spec section 4)."""
+    given = (("x1", x1),) if x2 is None else (("x1", x1), ("x2", x2))
+    backend, xp = _backend_and_namespace(given)
+    accepted = backend.accept(xp, given)
+    x1 = accepted[0]
+    x2 = None if x2 is None else accepted[1]
+    for name, x in zip(("x1", "x2"), accepted, strict=False):
+        if x.ndim < 2:
+            raise ValueError(
+                f"{name} must have at least 2 dimensions (..., N, D), got shape {_shape_str(tuple(x.shape))}"
+            )
+    other = x1 if x2 is None else x2
+    try:
+        batch = broadcast_shapes(tuple(x1.shape[:-2]), tuple(other.shape[:-2]))
+    except ValueError:
+        raise ValueError(
+            f"leading dimensions do not broadcast: x1 with shape {_shape_str(tuple(x1.shape))} and "
+            f"x2 with shape {_shape_str(tuple(other.shape))}"
+        ) from None
+    d1, d2 = x1.shape[-1], other.shape[-1]
+    if not (d1 == d2 or d1 == 1 or d2 == 1):
+        raise ValueError(
+            f"vector lengths differ: x1 with shape {_shape_str(tuple(x1.shape))} has D={d1}, "
+            f"x2 with shape {_shape_str(tuple(other.shape))} has D={d2}"
+        )
+    eps = check_eps(eps)
+    p1, p2 = backend.promote(xp, x1, other)
+    shape = (*batch, x1.shape[-2], other.shape[-2])
+    return PairwiseCall(backend, xp, p1, None if x2 is None else p2, eps, shape)
+
+
+def check_grad(grad: Any, call: Call | PairwiseCall, shape: tuple) -> Any:
+    """``grad`` of the inputs' library and device, real, broadcastable to ``shape``; cast to the call's dtype."""
+    backend = call.backend
+    if not backend.owns(grad):
+        raise TypeError(
+            f"grad must be an array of the same library as x1 and x2 ({backend.name}), "
+            f"got {_type_name(grad)}"
+        )
+    (grad,) = backend.accept(call.xp, (("grad", grad),))
+    backend.check_same_device((("x1", call.x1), ("grad", grad)))
+    try:
+        if broadcast_shapes(tuple(grad.shape), shape) != tuple(shape):
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"grad with shape {_shape_str(tuple(grad.shape))} does not broadcast to the result "
+            f"shape {_shape_str(tuple(shape))}"
+        ) from None
+    return backend.cast_grad(call.xp, grad, call.dtype)

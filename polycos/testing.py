@@ -30,7 +30,6 @@ Examples
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,48 +55,37 @@ _EXT = np.longdouble  # extended precision where the platform has it (80-bit on 
 # --------------------------------------------------------------------------- conversion
 
 
+def _backend_of(x: Any) -> Any:
+    from polycos import _backends
+
+    return _backends.backend_for((("x", x),))
+
+
 def to_numpy(x: Any) -> np.ndarray:
-    """Copy any supported array (NumPy, torch, JAX, CuPy, dask, array-api-strict) to NumPy."""
-    mod = type(x).__module__.split(".")[0]
-    if mod == "torch":
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            return x.float().numpy()
-        return x.numpy().copy()
-    if mod == "cupy":
-        return x.get()
-    if mod == "dask":
-        return np.asarray(x.compute())
-    if mod == "array_api_strict":
-        return np.from_dlpack(x).copy()
-    if mod in ("jax", "jaxlib") and "bfloat16" in str(x.dtype):
-        return np.asarray(x.astype("float32"))
-    return np.array(x, copy=True)
+    """Copy an array of any supported library to NumPy (bfloat16 as float32)."""
+    return _backend_of(x).to_numpy(x)
 
 
 def from_numpy(xp: Any, a: np.ndarray, dtype: str | None = None) -> Any:
-    """``a`` as an array of namespace ``xp`` (``dtype`` by name, e.g. ``"bfloat16"``)."""
-    dtype = dtype or a.dtype.name
-    name = getattr(xp, "__name__", "")
-    if "torch" in name:
-        import torch
+    """``a`` as an array of the library whose namespace (or array) is ``xp`` (``dtype`` by name)."""
+    from polycos import _backends
 
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64 if dtype == "bfloat16" else None)).to(getattr(torch, dtype))
-    if "dask" in name:
-        import dask.array as da
+    name = _namespace_backend(xp)
+    return _backends.get(name).from_numpy(np.asarray(a), dtype, xp=xp)
 
-        return da.from_array(np.asarray(a, dtype=dtype), chunks=-1)
-    if "jax" in name:
-        import jax.numpy as jnp
 
-        return jnp.asarray(a, dtype=getattr(jnp, dtype))
-    if "cupy" in name:
-        import cupy
+def _namespace_backend(xp: Any) -> str:
+    """The registry name of the backend of a namespace (``numpy``, ``torch``, ``jax.numpy`` ...)."""
+    from polycos import _backends
 
-        return cupy.asarray(a, dtype=dtype)
-    if name == "numpy" or "array_api_compat.numpy" in name:
-        return np.asarray(a, dtype=dtype)
-    return xp.asarray(np.asarray(a), dtype=getattr(xp, dtype))
+    for entry in _backends.ENTRIES:
+        if entry.name == "array_api":
+            continue
+        probe = getattr(xp, "__name__", "")
+        roots = {entry.name, *entry.requires}
+        if probe.split(".")[0] in roots or f"array_api_compat.{entry.name}" in probe:
+            return entry.name
+    return "array_api"
 
 
 # --------------------------------------------------------------------------- reference
@@ -280,33 +268,31 @@ def assert_vjp_matches_reference(
 
 
 def available_backends() -> dict[str, Callable[[np.ndarray], Any]]:
-    """Installed array libraries polycos supports here, as ``name -> from_numpy``."""
-    out: dict[str, Callable[[np.ndarray], Any]] = {"numpy": lambda a: np.array(a)}
-    if importlib.util.find_spec("array_api_strict"):
-        import array_api_strict as xs
+    """Installed array libraries polycos supports here, as ``name -> from_numpy``.
 
-        out["array_api_strict"] = lambda a: from_numpy(xs, a)
-    if importlib.util.find_spec("torch"):
-        import torch
+    Asks the backend registry (:mod:`polycos._backends`); CuPy counts only with a usable GPU.
+    """
+    from polycos import _backends
 
-        out["torch"] = lambda a: from_numpy(torch, a)
-    if importlib.util.find_spec("jax"):
-        import jax.numpy as jnp
-
-        out["jax"] = lambda a: from_numpy(jnp, a)
-    if importlib.util.find_spec("dask"):
-        import dask.array as da
-
-        out["dask"] = lambda a: from_numpy(da, a)
-    if importlib.util.find_spec("cupy"):
-        try:
-            import cupy
-
-            if cupy.cuda.runtime.getDeviceCount() > 0:
-                out["cupy"] = lambda a: from_numpy(cupy, a)
-        except Exception:
-            pass
+    out: dict[str, Callable[[np.ndarray], Any]] = {}
+    for name in _backends.installed():
+        if name == "cupy" and not _cuda_available():
+            continue
+        backend = _backends.get(name)
+        xp = None
+        if name == "array_api_strict":
+            import array_api_strict as xp
+        out[name] = lambda a, b=backend, x=xp: b.from_numpy(np.asarray(a), xp=x)
     return out
+
+
+def _cuda_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
 
 
 def assert_backends_agree(

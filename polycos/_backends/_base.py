@@ -1,0 +1,276 @@
+"""The backend contract: what every array library's backend provides, and the route of a call.
+
+A :class:`Backend` receives calls that :mod:`polycos._validate` has already
+checked and planned (:class:`~polycos._validate.Call`,
+:class:`~polycos._validate.PairwiseCall`) and never re-validates them. The
+route is written once, here:
+
+* :meth:`Backend.forward` / :meth:`Backend.vjp`: an outer-product broadcast
+  (``call.outer``) becomes one batched pairwise product
+  (:meth:`pairwise_forward`, :meth:`pairwise_vjp`); everything else is row-wise
+  (:meth:`rowwise_forward`, :meth:`rowwise_vjp`).
+* The leaves default to the array-API core (:mod:`polycos._core`) on the call's
+  namespace; a backend overrides a leaf where it has a native kernel or its own
+  autodiff (torch's ``autograd.Function``, JAX's custom rules).
+
+Besides computing, a backend states its input policy (:meth:`accept`,
+:meth:`promote`, :meth:`check_same_device`) and converts to and from NumPy for
+``polycos.testing`` and ``polycos bench`` (:meth:`to_numpy`, :meth:`from_numpy`).
+Capability flags (class attributes) let the test suite and the benchmarks
+treat every backend from one table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import array_api_compat
+
+from polycos import _core
+
+if TYPE_CHECKING:
+    from polycos._backends import Entry
+    from polycos._validate import Call, PairwiseCall
+
+__all__ = ["Backend", "dtype_name"]
+
+Array = Any
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"`` for any library's dtype object."""
+    return _core._dtype_name(dtype)
+
+
+def _type_name(x: object) -> str:
+    t = type(x)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+class Backend:
+    """The array-API core on any namespace: the default for every leaf."""
+
+    #: Gradients flow through the library's own autodiff (torch autograd, JAX).
+    autodiff: ClassVar[bool] = False
+    #: Arrays are lazy: values are never inspected (dask).
+    lazy: ClassVar[bool] = False
+    #: Concrete arrays whose values may be inspected cheaply (the range rescue runs only when needed).
+    eager: ClassVar[bool] = False
+    #: Dtypes the backend runs (by name); others are rejected by :meth:`accept`.
+    dtypes: ClassVar[tuple[str, ...]] = ("float16", "bfloat16", "float32", "float64")
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self.name = entry.name
+
+    def __repr__(self) -> str:
+        return f"<polycos backend {self.name!r}>"
+
+    # ------------------------------------------------------------------ capabilities
+
+    @property
+    def native(self) -> bool:
+        """Whether a compiled kernel serves plain arrays on this machine."""
+        return False
+
+    def owns(self, x: Any) -> bool:
+        """Whether ``x`` is an array of this backend's library."""
+        return bool(self.entry.owns(x))
+
+    # ------------------------------------------------------------------ input policy
+
+    def namespace(self, arrays: tuple[tuple[str, Any], ...]) -> Any:
+        """The array-API namespace the core runs on for these arrays."""
+        try:
+            return array_api_compat.array_namespace(*(x for _, x in arrays))
+        except TypeError as e:
+            names = " and ".join(n for n, _ in arrays)
+            raise TypeError(f"{names}: {e}") from None
+
+    def accept(self, xp: Any, arrays: tuple[tuple[str, Any], ...]) -> tuple[Any, ...]:
+        """Check containers, dtypes and devices; return the arrays to compute with."""
+        for name, x in arrays:
+            self.check_dtype(xp, name, x)
+        self.check_same_device(arrays)
+        return tuple(x for _, x in arrays)
+
+    def check_dtype(self, xp: Any, name: str, x: Any) -> None:
+        """Real floating dtypes the backend runs, integers and bool (promoted); nothing else."""
+        kind = self.dtype_kind(xp, x.dtype)
+        if kind == "complex":
+            raise TypeError(f"{name} has complex dtype {x.dtype}; only real inputs are supported")
+        if kind == "float" and dtype_name(x.dtype) not in self.dtypes:
+            raise TypeError(
+                f"{name} has dtype {x.dtype}, which polycos does not support on {self.name} arrays "
+                f"(supported: {', '.join(self.dtypes)}; integer and bool inputs are promoted)"
+            )
+        if kind is None:
+            raise TypeError(
+                f"{name} has dtype {x.dtype}, which is not numeric; expected a real floating, "
+                "integer or bool dtype"
+            )
+
+    def dtype_kind(self, xp: Any, dtype: Any) -> str | None:
+        """``"float"``, ``"integral"`` (integers and bool), ``"complex"`` or ``None`` (not numeric)."""
+        for kind, names in (("float", ("real floating",)), ("complex", ("complex floating",)),
+                            ("integral", ("integral", "bool"))):
+            try:
+                if any(bool(xp.isdtype(dtype, k)) for k in names):
+                    return kind
+            except Exception:
+                continue
+        return None
+
+    def check_same_device(self, arrays: tuple[tuple[str, Any], ...]) -> None:
+        """All arrays on one device (``ValueError`` naming both otherwise)."""
+        devices = [(name, self.device(x)) for name, x in arrays]
+        first_name, first = devices[0]
+        for name, dev in devices[1:]:
+            if not self.same_device(first, dev):
+                raise ValueError(
+                    f"{first_name} and {name} must be on the same device, got {first} and {dev}"
+                )
+
+    def device(self, x: Any) -> Any:
+        try:
+            return array_api_compat.device(x)
+        except Exception:  # traced arrays without a committed device
+            return None
+
+    def same_device(self, a: Any, b: Any) -> bool:
+        return a is None or b is None or a == b
+
+    def default_float(self, xp: Any, like: Any) -> Any:
+        """The library's default floating dtype on ``like``'s device (for integer and bool inputs)."""
+        try:
+            info = xp.__array_namespace_info__()
+            return info.default_dtypes(device=self.device(like))["real floating"]
+        except Exception:
+            return xp.float64 if hasattr(xp, "float64") else xp.float32
+
+    def promote(self, xp: Any, x1: Any, x2: Any) -> tuple[Any, Any]:
+        """Both inputs in their common real floating dtype (spec section 2.1)."""
+        xs = []
+        for x in (x1, x2):
+            if self.dtype_kind(xp, x.dtype) == "float":
+                xs.append(x)
+            else:  # integer and bool inputs become the library's default float
+                xs.append(xp.astype(x, self.default_float(xp, x)))
+        names = {dtype_name(x.dtype) for x in xs}
+        if names == {"float16", "bfloat16"}:  # as torch and JAX promote the pair
+            dtype = xp.float32
+        else:
+            dtype = self.result_type(xp, xs[0], xs[1])
+        return tuple(x if x.dtype == dtype else xp.astype(x, dtype) for x in xs)  # type: ignore[return-value]
+
+    def result_type(self, xp: Any, x1: Any, x2: Any) -> Any:
+        return xp.result_type(x1, x2)
+
+    def cast_grad(self, xp: Any, grad: Any, dtype: Any) -> Any:
+        """An upstream gradient in the result dtype (real floating, integer or bool only)."""
+        return grad if grad.dtype == dtype else xp.astype(grad, dtype)
+
+    # ------------------------------------------------------------------ the route
+
+    def forward(self, call: Call) -> Array:
+        """:func:`polycos.cosine_similarity` on a validated call."""
+        plan, x1, x2 = self.value_plan(call)
+        if plan is not None:
+            a1, a2 = plan.inputs(call.xp, x1, x2)
+            return plan.output(call.xp, self.pairwise_forward(a1, a2, call.eps))
+        return self.rowwise_forward(call)[0]
+
+    def forward_with_residuals(self, call: Call) -> tuple[Array, Any]:
+        """The forward value and what :meth:`vjp` can reuse (``None``: nothing)."""
+        plan, _, _ = self.value_plan(call)
+        if plan is not None or call.outer is not None:
+            return self.forward(call), None
+        return self.rowwise_forward(call)
+
+    def vjp(self, grad: Array, call: Call, residuals: Any = None) -> tuple[Array, Array]:
+        """:func:`polycos.cosine_similarity_vjp` on a validated call and checked ``grad``."""
+        xp = call.xp
+        g = xp.broadcast_to(grad, call.out_shape)
+        plan = call.outer
+        if plan is not None:
+            a1, a2 = plan.inputs(xp, call.x1, call.x2)
+            d = self.pairwise_vjp(plan.grad(xp, g), a1, a2, call.eps)
+            return plan.gradients(xp, d, tuple(call.x1.shape), tuple(call.x2.shape))
+        return self.rowwise_vjp(g, call, residuals)
+
+    def value_plan(self, call: Call) -> tuple[Any, Array, Array]:
+        """The outer-product plan for the forward *value* and the inputs it applies to."""
+        return call.outer, call.x1, call.x2
+
+    # ------------------------------------------------------------------ leaves (the core)
+
+    def quiet(self) -> contextlib.AbstractContextManager:
+        """Silence floating-point warnings of arithmetic the definition handles on purpose (G6, G13)."""
+        return contextlib.nullcontext()
+
+    def rowwise_forward(self, call: Call) -> tuple[Array, Any]:
+        xp = call.xp
+        x1, x2 = _vectors(call)
+        with self.quiet():
+            out, res = _core.forward(xp, x1, x2, call.axis if call.shape else 0, call.eps, eager=self.eager)
+        return (xp.reshape(out, ()) if not call.shape else out), res
+
+    def rowwise_vjp(self, g: Array, call: Call, residuals: Any) -> tuple[Array, Array]:
+        xp = call.xp
+        x1, x2 = _vectors(call)
+        with self.quiet():
+            d1, d2 = _core.vjp(
+                xp, g, x1, x2, call.axis if call.shape else 0, call.eps, residuals, eager=self.eager
+            )
+        return xp.reshape(d1, tuple(call.x1.shape)), xp.reshape(d2, tuple(call.x2.shape))
+
+    def pairwise_forward(self, x1: Array, x2: Array | None, eps: float) -> Array:
+        """``S`` of canonical ``(..., N, D)`` inputs (``x2=None``: ``x1`` with itself)."""
+        xp = array_api_compat.array_namespace(x1)
+        with self.quiet():
+            return _core.pairwise_forward(xp, x1, x2, eps)[0]
+
+    def pairwise_vjp(self, g: Array, x1: Array, x2: Array | None, eps: float) -> tuple[Array, Array | None]:
+        xp = array_api_compat.array_namespace(x1)
+        with self.quiet():
+            return _core.pairwise_vjp(xp, g, x1, x2, eps)
+
+    # public pairwise route
+
+    def pairwise(self, call: PairwiseCall) -> Array:
+        """:func:`polycos.pairwise_cosine_similarity` on a validated call."""
+        return self.pairwise_forward(call.x1, call.x2, call.eps)
+
+    def pairwise_call_vjp(self, grad: Array, call: PairwiseCall) -> tuple[Array, Array | None]:
+        g = call.xp.broadcast_to(grad, call.shape)
+        return self.pairwise_vjp(g, call.x1, call.x2, call.eps)
+
+    # ------------------------------------------------------------------ conversions
+
+    def to_numpy(self, x: Array) -> Any:
+        """A NumPy copy of ``x`` (bfloat16 as float32)."""
+        import numpy as np
+
+        if dtype_name(x.dtype) == "bfloat16":
+            xp = array_api_compat.array_namespace(x)
+            x = xp.astype(x, xp.float32)
+        return np.array(np.from_dlpack(x) if hasattr(x, "__dlpack__") else x, copy=True)
+
+    def from_numpy(self, a: Any, dtype: str | None = None, *, xp: Any = None, device: Any = None) -> Array:
+        """``a`` as an array of this library (``dtype`` by name)."""
+        if xp is None:
+            raise TypeError(f"the {self.name} backend needs xp= to create arrays")
+        import numpy as np
+
+        dtype = dtype or a.dtype.name
+        kwargs = {} if device is None else {"device": device}
+        return xp.asarray(np.asarray(a, dtype="float32" if dtype == "bfloat16" else None), dtype=getattr(xp, dtype), **kwargs)
+
+
+def _vectors(call: Call) -> tuple[Array, Array]:
+    """0-d inputs become 1-vectors (the core needs an axis to reduce)."""
+    if call.shape:
+        return call.x1, call.x2
+    xp = call.xp
+    return xp.reshape(call.x1, (1,)), xp.reshape(call.x2, (1,))

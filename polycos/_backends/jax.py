@@ -1,0 +1,300 @@
+r"""JAX arrays: the fused CPU kernel inside ``jit`` through ``jax.ffi``, under custom JVP rules.
+
+Row-wise similarity is one :func:`jax.custom_jvp` function, :func:`cosine`,
+returning the value and the packed residuals (per row: ``s``, the scaled norms
+and the scales; :func:`polycos._core.pack_residuals`). Its primal is the fused
+CPU kernel called with :func:`jax.ffi.ffi_call` on CPU (chosen at lowering by
+:func:`jax.lax.platform_dependent`), and the array-API core in ``jax.numpy``
+elsewhere (GPU, TPU) or where the kernel is not built. Its tangent rule is the
+core's JVP (:func:`polycos._core.jvp`) written from the residuals: linear in the
+tangents, so JAX transposes it for reverse mode. One rule gives :func:`jax.jvp`,
+:func:`jax.jacfwd`, :func:`jax.grad`, :func:`jax.jacrev`, :func:`jax.hessian`
+(the rule calls :func:`cosine` itself, so it is differentiable again), and
+everything works under ``jit`` and ``vmap``.
+
+Pairwise similarity is a :func:`jax.custom_vjp` over the core. For float32
+inputs with ``jax_enable_x64`` off, the row normalisation and the product run
+inside a scoped ``jax.enable_x64`` (float64), so the matrix is within 1
+ulp(1.0) of exact on every CPU, as with x64 on (docs/pairwise.md).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from polycos import _core
+from polycos._backends._base import Backend, dtype_name
+
+if TYPE_CHECKING:
+    from polycos._validate import Call
+
+__all__ = ["JaxBackend", "cosine"]
+
+
+class _Namespace:
+    """:mod:`jax.numpy`, with a square root that reverse mode can differentiate at 0.
+
+    ``jnp.sqrt``'s derivative at 0 is ``inf``, and reverse mode multiplies it by
+    the zero cotangent of a branch ``jnp.where`` did not take: ``0 * inf = NaN``
+    in second derivatives at zero rows. The core takes square roots only of sums
+    of squares and never uses the root's slope where one is 0, so here the root
+    of 0 is a constant 0 (values are bitwise those of ``jnp.sqrt``).
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(jnp, name)
+
+    @staticmethod
+    def sqrt(x: jax.Array) -> jax.Array:
+        pos = x > 0
+        rest = jnp.where(x == 0, jnp.zeros_like(x), jnp.full_like(x, jnp.nan))  # NaN below 0
+        return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, jnp.ones_like(x))), rest)
+
+
+xp = _Namespace()
+
+
+# --------------------------------------------------------------------------- the sums on XLA
+
+
+def _dots(a1: jax.Array, a2: jax.Array, axis: int, compensated: bool) -> tuple[jax.Array, ...]:
+    """:func:`polycos._core.dots` as one XLA variadic reduce (a mirror of the core's sums).
+
+    Written as three ``vecdot`` calls, XLA makes three passes; one
+    ``lax.reduce`` over the three products reads each input once. Compensated
+    (float32 with x64 off), every product is split exactly into ``p + e``
+    (TwoProduct) and each sum carried as a pair ``hi + lo`` combined by TwoSum,
+    in the same pass: as accurate as :func:`polycos._core.accurate_dot`.
+    """
+    if a1.shape != a2.shape:  # broadcast: the three sums have different shapes
+        return _core.dots(xp, a1, a2, axis, compensated=compensated)
+    zero = jnp.zeros((), a1.dtype)
+    if not compensated:
+        sums = lax.reduce((a1 * a2, a1 * a1, a2 * a2), (zero,) * 3, _add3, (axis,))
+        return tuple(jnp.expand_dims(w, axis) for w in sums)
+    factor = _core._split_factor(a1.dtype)
+    pairs = ((a1, a2), (a1, a1), (a2, a2))
+    products = [t for u, v in pairs for t in _core._two_product(jnp, u, v, factor)]
+    hi12, lo12, hi11, lo11, hi22, lo22 = lax.reduce(tuple(products), (zero,) * 6, _two_sums, (axis,))
+    sums = []
+    for hi, lo in ((hi12, lo12), (hi11, lo11), (hi22, lo22)):
+        w = hi + lo  # the pair as one rounded sum, and what that rounding left (Fast2Sum)
+        sums.append((w, lo - (w - hi)))
+    return tuple(jnp.expand_dims(t, axis) for t in (*(w for w, _ in sums), *(r for _, r in sums)))
+
+
+def _add3(u: tuple, v: tuple) -> tuple:
+    return tuple(a + b for a, b in zip(u, v, strict=True))
+
+
+def _two_sums(u: tuple, v: tuple) -> tuple:
+    """Add pairs ``(hi, lo)`` of double-word sums: TwoSum of the highs, lows added."""
+    out: list = []
+    for i in range(0, len(u), 2):
+        h1, l1, h2, l2 = u[i], u[i + 1], v[i], v[i + 1]
+        s = h1 + h2
+        b = s - h1
+        err = (h1 - (s - b)) + (h2 - b)
+        out += [s, (l1 + l2) + err]
+    return tuple(out)
+
+
+def _pow2_scale(a: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """The core's row scaling by a power of two ``m <= max|a| < 2m`` (:data:`polycos._core.Scale`).
+
+    XLA on CPU divides by multiplying with the reciprocal, and ``1 / max``
+    near the top of the range is subnormal, which XLA flushes to zero: ``x / m``
+    would be 0. ``ldexp`` scales exactly.
+    """
+    m = _core._row_scale(xp, a, axis)
+    _, e = jnp.frexp(m)
+    return jnp.ldexp(a, 1 - e), jnp.ldexp(jnp.ones_like(m), e - 1)
+
+
+def _branch(pred: jax.Array, then_fn: Any, else_fn: Any) -> Any:
+    """The core's range rescue runs only when a row needs it (compiled, not always taken)."""
+    return lax.cond(pred, then_fn, else_fn)
+
+
+# --------------------------------------------------------------------------- primal: kernel or core
+
+
+def _kernels() -> Any:
+    from polycos._backends.numpy import _kernels
+
+    k = _kernels()
+    return k if k is not None and hasattr(k, "jax_forward") else None
+
+
+def _core_primal(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    out, res = _core.forward(xp, x1, x2, axis, eps, native_dots=_dots, branch=_branch, scale=_pow2_scale)
+    return out, _core.pack_residuals(xp, res, axis)
+
+
+def _primal(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    k = _kernels()
+    if k is None:
+        return _core_primal(x1, x2, axis, eps)
+    return lax.platform_dependent(
+        x1, x2,
+        cpu=lambda a, b: tuple(k.jax_forward(a, b, axis, eps)),
+        default=lambda a, b: _core_primal(a, b, axis, eps),
+    )
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def cosine(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    """``(s, packed residuals)`` of validated inputs (one floating dtype, ``axis >= 0``)."""
+    return _primal(x1, x2, axis, eps)
+
+
+@cosine.defjvp
+def _cosine_jvp(axis: int, eps: float, primals: tuple, tangents: tuple) -> tuple:
+    x1, x2 = primals
+    t1, t2 = tangents
+    out, packed = cosine(x1, x2, axis, eps)  # differentiable again: higher orders
+    res = _core.unpack_residuals(xp, packed, axis)
+    acc = packed.dtype
+    ds_acc = _core.jvp_accumulated(xp, t1, t2, x1, x2, axis, eps, res)  # linear in (t1, t2)
+    ds = ds_acc.astype(out.dtype)
+    dn1 = _norm_tangent(x1, t1, res.n1s, res.m1, axis, acc)
+    dn2 = _norm_tangent(x2, t2, res.n2s, res.m2, axis, acc)
+    shape = ds_acc.shape
+    zero = jnp.zeros(shape, acc)
+    dres = jnp.stack([ds_acc, jnp.broadcast_to(dn1, shape), jnp.broadcast_to(dn2, shape), zero, zero], axis=-1)
+    return (out, packed), (ds, dres)
+
+
+def _norm_tangent(x: jax.Array, t: jax.Array, ns: jax.Array, m: jax.Array, axis: int, acc: Any) -> jax.Array:
+    """Tangent of ``n_s = ||x / m||`` (``m`` piecewise constant): ``sum((x/m) t) / (m n_s)``, 0 at a zero row."""
+    b = x.astype(acc) / m
+    num = jnp.sum(b * t.astype(acc), axis=axis, keepdims=True)
+    out = _core._safe_divide(xp, num / m, ns)
+    return jnp.squeeze(jnp.broadcast_to(out, jnp.broadcast_shapes(out.shape, ns.shape)), axis=axis)
+
+
+# Called outside jit, each op would be dispatched (and compiled for a new shape) one
+# by one; jitted, one compilation per shape and dtype, inlined into an enclosing jit.
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _value(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> jax.Array:
+    return cosine(x1, x2, axis, eps)[0]
+
+
+@partial(jax.jit, static_argnums=(3, 4))
+def _vjp(g: jax.Array, x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    _, pull = jax.vjp(lambda a, b: cosine(a, b, axis, eps)[0], x1, x2)
+    return pull(g)
+
+
+# --------------------------------------------------------------------------- pairwise
+
+
+def _x64_scope(dtype: Any) -> Any:
+    """Scoped float64 for float32 inputs when x64 is off: the product within 1 ulp(1.0)."""
+    import contextlib
+
+    if dtype_name(dtype) == "float32" and not jax.config.jax_enable_x64:
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pairwise(x1: jax.Array, x2: jax.Array | None, eps: float) -> jax.Array:
+    """The similarity matrix (:func:`polycos._core.pairwise_forward`); ``x2=None``: ``x1`` itself."""
+    with _x64_scope(x1.dtype):
+        return _core.pairwise_forward(xp, x1, x2, eps, native_normalize=_normalize)[0]
+
+
+def _pairwise_fwd(x1: jax.Array, x2: jax.Array | None, eps: float) -> tuple[jax.Array, Any]:
+    # Saves the inputs only: the backward's row norms cost O((N + M) D), small
+    # beside its two matrix products.
+    return pairwise(x1, x2, eps), (x1, x2)
+
+
+def _pairwise_bwd(eps: float, saved: Any, g: jax.Array) -> tuple:
+    x1, x2 = saved
+    return pairwise_vjp(g, x1, x2, eps)
+
+
+def pairwise_vjp(g: jax.Array, x1: jax.Array, x2: jax.Array | None, eps: float) -> tuple[jax.Array, jax.Array | None]:
+    with _x64_scope(x1.dtype):
+        return _core.pairwise_vjp(xp, g, x1, x2, eps, native_normalize=_normalize)
+
+
+def _normalize(x: jax.Array, eps: float) -> _core.RowNorms:
+    return _core.normalize_rows(xp, x, eps, scale=_pow2_scale)
+
+
+pairwise.defvjp(_pairwise_fwd, _pairwise_bwd)
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class JaxBackend(Backend):
+    """jax.Array (traced too): custom JVP over the kernel or the core; never inspects values."""
+
+    autodiff = True
+
+    @property
+    def native(self) -> bool:
+        return _kernels() is not None
+
+    def namespace(self, arrays: tuple[tuple[str, Any], ...]) -> Any:
+        return jnp
+
+    def device(self, x: Any) -> Any:
+        return None  # JAX moves and shards arrays itself; a traced array has no device
+
+    def default_float(self, xp_: Any, like: Any) -> Any:
+        return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+    def result_type(self, xp_: Any, x1: Any, x2: Any) -> Any:
+        return jnp.result_type(x1, x2)
+
+    def dtype_kind(self, xp_: Any, dtype: Any) -> str | None:
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            return "complex"
+        if jnp.issubdtype(dtype, jnp.floating):
+            return "float"
+        if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+            return "integral"
+        return None
+
+    def rowwise_forward(self, call: Call) -> tuple[Any, Any]:
+        x1, x2 = call.x1, call.x2
+        if not call.shape:
+            return jnp.reshape(_value(jnp.reshape(x1, (1,)), jnp.reshape(x2, (1,)), 0, call.eps), ()), None
+        return _value(x1, x2, call.axis, call.eps), None
+
+    def rowwise_vjp(self, g: Any, call: Call, residuals: Any) -> tuple[Any, Any]:
+        x1, x2 = call.x1, call.x2
+        if not call.shape:
+            d1, d2 = _vjp(jnp.reshape(g, ()), jnp.reshape(x1, (1,)), jnp.reshape(x2, (1,)), 0, call.eps)
+        else:
+            d1, d2 = _vjp(g, x1, x2, call.axis, call.eps)
+        return jnp.reshape(d1, x1.shape), jnp.reshape(d2, x2.shape)
+
+    def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
+        return pairwise(x1, x2, eps)
+
+    def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+        return pairwise_vjp(g, x1, x2, eps)
+
+    def to_numpy(self, x: Any) -> Any:
+        import numpy as np
+
+        if dtype_name(x.dtype) == "bfloat16":
+            x = x.astype(jnp.float32)
+        return np.array(x, copy=True)
+
+    def from_numpy(self, a: Any, dtype: str | None = None, *, xp: Any = None, device: Any = None) -> Any:
+        dtype = dtype or a.dtype.name
+        return jnp.asarray(a, dtype=getattr(jnp, dtype))

@@ -1,0 +1,215 @@
+"""NumPy arrays: the fused CPU kernel when it is built, the array-API core otherwise.
+
+The kernel (:mod:`polycos._kernels`, the C++ mirror of the core) reads every
+row once for the forward and once more for the gradient, at any strides
+(stride-0 broadcasts and negative strides included) and without copies. Where
+it is not built (a machine without a compiler) the core runs on NumPy, with the
+same guarantees and more memory traffic.
+
+Input policy (docs/semantics.md): ``numpy.ndarray`` and views of it; NumPy
+scalars; subclasses other than masked arrays and ``numpy.matrix`` are computed
+as plain ``ndarray`` views (the result is a plain ``ndarray``); masked arrays,
+``numpy.matrix``, and object, string, bytes, structured, datetime and
+timedelta dtypes are rejected; ``ml_dtypes.bfloat16`` is a floating dtype,
+other ``ml_dtypes`` types (float8, int4, ...) are rejected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from polycos import _core
+from polycos._backends._base import Backend, dtype_name
+
+if TYPE_CHECKING:
+    from polycos._validate import Call
+
+__all__ = ["NumPyBackend"]
+
+#: A float64 product matrix up to this many elements is formed in one BLAS
+#: call; larger ones in blocks of rows, each clamped and cast into the result at
+#: once (no float64 copy of the whole matrix).
+PRODUCT_ELEMENTS = 1 << 23
+#: Elements of one float64 block of the product matrix (large inputs).
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _kernels() -> Any:
+    """The compiled CPU kernel module, or ``None`` when it is not built here."""
+    try:
+        from polycos import _kernels
+    except ImportError:  # pragma: no cover - the package always has the loader
+        return None
+    available = getattr(_kernels, "available", None)
+    return _kernels if available is not None and available() else None
+
+
+class NumPyBackend(Backend):
+    """NumPy: the CPU kernel, else the core; eager (values may be inspected)."""
+
+    eager = True
+
+    @property
+    def native(self) -> bool:
+        return _kernels() is not None
+
+    # ------------------------------------------------------------------ policy
+
+    def accept(self, xp: Any, arrays: tuple[tuple[str, Any], ...]) -> tuple[Any, ...]:
+        out = []
+        for name, x in arrays:
+            if isinstance(x, np.ma.MaskedArray):
+                raise TypeError(
+                    f"{name} is a numpy masked array; polycos does not apply masks: pass "
+                    f"{name}.filled(value) or {name}.data explicitly"
+                )
+            if isinstance(x, np.matrix):
+                raise TypeError(
+                    f"{name} is a numpy.matrix, whose reductions keep two dimensions; pass "
+                    f"np.asarray({name})"
+                )
+            if type(x) is not np.ndarray:  # other subclasses and NumPy scalars: a plain view
+                x = np.asarray(x)
+            self.check_dtype(xp, name, x)
+            out.append(x)
+        return tuple(out)
+
+    def dtype_kind(self, xp: Any, dtype: Any) -> str | None:
+        dtype = np.dtype(dtype)
+        if dtype.kind == "f":
+            return "float"
+        if dtype.kind == "c":
+            return "complex"
+        if dtype.kind in "iub":
+            return "integral"
+        if dtype.kind == "V" and dtype.names is None and dtype.name == "bfloat16":
+            return "float"
+        return None
+
+    def check_dtype(self, xp: Any, name: str, x: Any) -> None:
+        dtype = np.dtype(x.dtype)
+        if dtype.kind == "V" and dtype.names is None and type(dtype).__module__.startswith("ml_dtypes") \
+                and dtype.name != "bfloat16":
+            raise TypeError(
+                f"{name} has dtype {dtype.name} (ml_dtypes), which polycos does not support; "
+                "cast it to float32 (or bfloat16) first"
+            )
+        if dtype.kind == "V" and dtype.name != "bfloat16" and dtype.names is None \
+                and not type(dtype).__module__.startswith("ml_dtypes"):
+            raise TypeError(f"{name} has dtype {dtype}, which is not numeric")
+        super().check_dtype(xp, name, x)
+
+    def default_float(self, xp: Any, like: Any) -> Any:
+        return np.float64
+
+    def result_type(self, xp: Any, x1: Any, x2: Any) -> Any:
+        return np.result_type(x1.dtype, x2.dtype)
+
+    def device(self, x: Any) -> Any:
+        return "cpu"
+
+    def quiet(self) -> contextlib.AbstractContextManager:
+        return np.errstate(all="ignore")
+
+    # ------------------------------------------------------------------ route
+
+    def value_plan(self, call: Call) -> tuple[Any, Any, Any]:
+        """Stride-0 broadcast views that hide an outer product take the matrix path too."""
+        if call.outer is not None or len(call.shape) < 3 or call.empty:
+            return call.outer, call.x1, call.x2
+        from polycos import _outer
+
+        x1, x2 = _outer.collapse_stride0(call.x1, call.x2, len(call.shape))
+        if x1 is call.x1 and x2 is call.x2:
+            return None, x1, x2
+        return _outer.plan(call.shape, call.axis, tuple(x1.shape), tuple(x2.shape)), x1, x2
+
+    def rowwise_forward(self, call: Call) -> tuple[Any, Any]:
+        k = _kernels()
+        if k is None or not call.shape:
+            return super().rowwise_forward(call)
+        return k.forward(call.x1, call.x2, call.axis, call.eps)
+
+    def rowwise_vjp(self, g: Any, call: Call, residuals: Any) -> tuple[Any, Any]:
+        k = _kernels()
+        if k is None or not call.shape or isinstance(residuals, _core.Residuals):
+            return super().rowwise_vjp(g, call, residuals)
+        shape1, shape2 = tuple(call.x1.shape), tuple(call.x2.shape)
+        if shape1 == shape2 == tuple(call.shape):  # nothing to sum: the kernel rounds to T itself
+            return k.backward(g, call.x1, call.x2, call.axis, call.eps, residuals)
+        d1, d2 = self.full_vjp(g, call.x1, call.x2, call.axis, call.eps, residuals)
+        with self.quiet():  # broadcast rows summed in the accumulation dtype, then rounded once
+            d1 = _core.sum_to_shape(np, d1, shape1).astype(call.dtype, copy=False)
+            d2 = _core.sum_to_shape(np, d2, shape2).astype(call.dtype, copy=False)
+        return d1, d2
+
+    def full_vjp(self, g: Any, x1: Any, x2: Any, axis: int, eps: float, residuals: Any = None) -> tuple[Any, Any]:
+        """Gradients of the full broadcast shape, in the accumulation dtype (nothing summed yet)."""
+        acc = _core.accumulation_dtype(np, x1.dtype)
+        k = _kernels()
+        if k is not None:
+            return k.backward(g, x1, x2, axis, eps, residuals, out_dtype=acc)
+        shape = np.broadcast_shapes(x1.shape, x2.shape)
+        b1, b2 = (np.broadcast_to(x, shape).astype(acc) for x in (x1, x2))
+        with self.quiet():
+            return _core.vjp(np, g, b1, b2, axis, eps, eager=True)
+
+    def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
+        with self.quiet():
+            return _core.pairwise_forward(
+                np, x1, x2, eps, native_product=_product, native_normalize=_normalize()
+            )[0]
+
+    def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+        with self.quiet():
+            return _core.pairwise_vjp(np, g, x1, x2, eps, native_normalize=_normalize())
+
+    # ------------------------------------------------------------------ conversions
+
+    def to_numpy(self, x: Any) -> Any:
+        x = np.array(x, copy=True)
+        return x.astype(np.float32) if dtype_name(x.dtype) == "bfloat16" else x
+
+    def from_numpy(self, a: Any, dtype: str | None = None, *, xp: Any = None, device: Any = None) -> Any:
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            return np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16)
+        return np.array(a, dtype=dtype, copy=True)
+
+
+def _normalize() -> Any:
+    """:func:`polycos._core.normalize_rows` by the kernel (one pass per row), when built."""
+    k = _kernels()
+    if k is None:
+        return None
+
+    def normalize(x: Any, eps: float) -> _core.RowNorms:
+        xhat, cs, ns, m = k.normalize_rows(x, eps)
+        acc = _core.accumulation_dtype(np, x.dtype)
+        return _core.RowNorms(xhat, cs, ns, m if _core.is_rescaled(x.dtype, acc) else None)
+
+    return normalize
+
+
+def _product(h1: Any, h2: Any | None, dtype: Any) -> Any:
+    """:func:`polycos._core.pairwise_product` without a float64 ``N·M`` copy when large."""
+    # For self-similarity ``h1 @ h1.T`` NumPy would call syrk, which OpenBLAS runs
+    # slower than gemm on a transposed copy (measured: 1.5-2x); the copy is O(N D).
+    h2t = np.ascontiguousarray(np.swapaxes(h1, -1, -2)) if h2 is None else np.swapaxes(h2, -1, -2)
+    n = h1.shape[-2]
+    shape = (*np.broadcast_shapes(h1.shape[:-2], h2t.shape[:-2]), n, h2t.shape[-1])
+    out = np.empty(shape, dtype=dtype)
+    per_row = max(math.prod(shape) // max(n, 1), 1)
+    rows = max(256, BLOCK_ELEMENTS // per_row)
+    if math.prod(shape) <= PRODUCT_ELEMENTS or rows >= n:
+        np.clip(np.matmul(h1, h2t), -1.0, 1.0, out=out)
+        return out
+    for lo in range(0, n, rows):
+        block = (..., slice(lo, lo + rows), slice(None))
+        np.clip(np.matmul(h1[block], h2t), -1.0, 1.0, out=out[block])
+    return out

@@ -1,0 +1,507 @@
+r"""PyTorch tensors: ``torch.library`` operators over the native kernels, under an ``autograd.Function``.
+
+Two layers, the pattern of PyTorch's custom-operator tutorial:
+
+* **Operators** (``torch.ops.polycos.*``, registered with :mod:`torch.library`):
+  ``cosine_forward(x1, x2, axis, eps) -> (s, res)``,
+  ``cosine_backward(g, x1, x2, res, axis, eps) -> (d1, d2)`` and
+  ``normalize_rows(x, eps) -> (xhat, stats)``. Their fake implementations give
+  shapes, dtypes and devices without computing, so FakeTensor, meta tensors,
+  ``torch.compile`` (dynamic shapes too), ``torch.export`` and
+  ``torch.jit.trace`` see them as native ops. Their implementations call the
+  fused CPU kernel (:mod:`polycos._kernels`) on CPU and the CUDA kernels
+  (:mod:`polycos.cupy`, zero-copy through DLPack on torch's current stream) on
+  CUDA; where a kernel is not available they run the array-API core in torch ops.
+  ``res`` is the core's packed residuals (:func:`polycos._core.pack_residuals`).
+* **Autograd** (:class:`CosineFunction`, :class:`PairwiseFunction`): forward
+  calls the operator for plain tensors and the core in torch ops for everything
+  else (tensor subclasses such as DTensor, :mod:`torch.func`-wrapped tensors,
+  tensors with the conjugate or negative bit, devices without a kernel); backward
+  calls the backward operator, or the core's VJP in differentiable torch ops
+  when the backward is itself differentiated (``create_graph``); ``jvp`` is the
+  core's JVP; ``generate_vmap_rule`` gives every :mod:`torch.func` transform.
+
+No path reads a value back to the host, calls NumPy, or writes into a
+preallocated buffer that autograd or vmap can see; every helper tensor is made
+on the inputs' device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import TYPE_CHECKING, Any
+
+import array_api_compat.torch as _compat
+import torch
+
+from polycos import _core
+from polycos._backends._base import Backend, dtype_name
+
+if TYPE_CHECKING:
+    from polycos._validate import Call
+
+__all__ = ["CosineFunction", "PairwiseFunction", "TorchBackend", "xp"]
+
+
+# --------------------------------------------------------------------------- namespace
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` whose derivative at 0 is 0 (not inf): second derivatives stay finite at zero rows."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, torch.ones_like(x), x)))
+
+
+def _maximum(x1: Any, x2: Any) -> torch.Tensor:
+    """``maximum`` with a Python-scalar bound as ``clamp_min`` (traceable by Dynamo)."""
+    if isinstance(x2, (int, float)) and isinstance(x1, torch.Tensor):
+        return torch.clamp_min(x1, x2)
+    return torch.maximum(x1, x2)
+
+
+def _vecdot(x1: torch.Tensor, x2: torch.Tensor, /, *, axis: int = -1) -> torch.Tensor:
+    return torch.linalg.vecdot(x1, x2, dim=axis)
+
+
+def _namespace() -> types.ModuleType:
+    ns = types.ModuleType("polycos.torch.xp", "array_api_compat.torch as the core runs on it")
+    ns.__dict__.update({k: v for k, v in vars(_compat).items() if k not in ("__name__", "__doc__")})
+    ns.sqrt = _sqrt
+    ns.moveaxis = torch.movedim  # same op; aten::moveaxis has no vmap batching rule
+    ns.vecdot = _vecdot  # array-api-compat's version calls moveaxis
+    ns.maximum = _maximum
+    # The legacy vmap of gradcheck's batched checks has rules for these, not for
+    # aten::broadcast_to and aten::swapaxes.
+    ns.broadcast_to = lambda x, /, shape: x.expand(tuple(shape))
+    ns.matrix_transpose = lambda x, /: torch.transpose(x, -1, -2)
+    return ns
+
+
+#: The namespace the core runs on.
+xp = _namespace()
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+
+
+def _no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The core's accumulation must never be demoted to an autocast dtype."""
+    device = t.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device_type=device, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _out_shape(x1: torch.Tensor, x2: torch.Tensor, axis: int) -> tuple:
+    shape = torch.broadcast_shapes(x1.shape, x2.shape)
+    return (*shape[:axis], *shape[axis + 1 :])
+
+
+# --------------------------------------------------------------------------- the core in torch ops
+
+
+def core_forward(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`polycos._core.forward` in torch ops: ``(s, packed residuals)``."""
+    with _no_autocast(x1):
+        out, res = _core.forward(xp, x1, x2, axis, eps)
+        return out, _core.pack_residuals(xp, res, axis)
+
+
+def core_backward(
+    g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, res: torch.Tensor | None, axis: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`polycos._core.vjp` in (differentiable) torch ops; ``res=None`` recomputes the residuals."""
+    with _no_autocast(x1):
+        residuals = None if res is None else _core.unpack_residuals(xp, res, axis)
+        return _core.vjp(xp, g, x1, x2, axis, eps, residuals)
+
+
+def core_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`polycos._core.normalize_rows` in torch ops: ``(xhat, stats)``, stats = ``(cs, ns, m)``."""
+    with _no_autocast(x):
+        r = _core.normalize_rows(xp, x, eps)
+        m = torch.ones_like(r.cs) if r.m is None else r.m
+        return r.xhat, torch.cat([r.cs, r.ns, m], dim=-1)
+
+
+# --------------------------------------------------------------------------- native kernels
+
+
+def _cpu_kernels() -> Any:
+    from polycos._backends.numpy import _kernels
+
+    return _kernels()
+
+
+def _cuda_kernels() -> Any:
+    try:
+        from polycos.cupy import _torch_bridge
+    except ImportError:
+        return None
+    return _torch_bridge if _torch_bridge.available() else None
+
+
+def _native(device: torch.device) -> Any:
+    if device.type == "cpu":
+        return _cpu_kernels()
+    if device.type == "cuda":
+        return _cuda_kernels()
+    return None
+
+
+# --------------------------------------------------------------------------- operators
+
+
+@torch.library.custom_op("polycos::cosine_forward", mutates_args=())
+def cosine_forward(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on plain tensors (one dtype, broadcastable, ``axis`` into the broadcast shape)."""
+    native = _native(x1.device)
+    if native is None:
+        return core_forward(x1, x2, axis, eps)
+    shape = _out_shape(x1, x2, axis)
+    out = torch.empty(shape, dtype=x1.dtype, device=x1.device)
+    res = torch.empty((*shape, 5), dtype=_acc(x1.dtype), device=x1.device)
+    native.torch_forward(x1, x2, axis, eps, out, res)
+    return out, res
+
+
+@cosine_forward.register_fake
+def _cosine_forward_fake(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = _out_shape(x1, x2, axis)
+    return x1.new_empty(shape), x1.new_empty((*shape, 5), dtype=_acc(x1.dtype))
+
+
+@torch.library.custom_op("polycos::cosine_backward", mutates_args=())
+def cosine_backward(
+    g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, res: torch.Tensor, axis: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VJP on plain tensors from the forward's residuals; gradients in the inputs' shapes."""
+    native = _native(x1.device)
+    if native is None:
+        return core_backward(g, x1, x2, res, axis, eps)
+    shape = torch.broadcast_shapes(x1.shape, x2.shape)
+    full = tuple(x1.shape) == tuple(shape) and tuple(x2.shape) == tuple(shape)
+    dtype = x1.dtype if full else _acc(x1.dtype)  # broadcast rows are summed in the accumulation dtype
+    d1 = torch.empty(shape, dtype=dtype, device=x1.device)
+    d2 = torch.empty(shape, dtype=dtype, device=x1.device)
+    native.torch_backward(g, x1, x2, res, axis, eps, d1, d2)
+    if full:
+        return d1, d2
+    return (
+        _core.sum_to_shape(xp, d1, tuple(x1.shape)).to(x1.dtype),
+        _core.sum_to_shape(xp, d2, tuple(x2.shape)).to(x2.dtype),
+    )
+
+
+@cosine_backward.register_fake
+def _cosine_backward_fake(
+    g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, res: torch.Tensor, axis: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x1.new_empty(x1.shape), x2.new_empty(x2.shape)
+
+
+@torch.library.custom_op("polycos::normalize_rows", mutates_args=())
+def normalize_rows(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows along the last axis over ``max(||x||, eps)``, in the accumulation dtype, and ``(cs, ns, m)``."""
+    native = _native(x.device)
+    if native is None or not hasattr(native, "torch_normalize_rows"):
+        return core_normalize(x, eps)
+    xhat = torch.empty(x.shape, dtype=_acc(x.dtype), device=x.device)
+    stats = torch.empty((*x.shape[:-1], 3), dtype=_acc(x.dtype), device=x.device)
+    native.torch_normalize_rows(x, eps, xhat, stats)
+    return xhat, stats
+
+
+@normalize_rows.register_fake
+def _normalize_rows_fake(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = _acc(x.dtype)
+    return x.new_empty(x.shape, dtype=acc), x.new_empty((*x.shape[:-1], 3), dtype=acc)
+
+
+# --------------------------------------------------------------------------- which tensors the operators take
+
+
+def _plain_type(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return type(t) in (torch.Tensor, torch.nn.Parameter, FakeTensor)
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """A :mod:`torch.func` wrapper (batched, grad or dual tensor)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def kernel_ok(*ts: torch.Tensor) -> bool:
+    """Plain strided tensors of a kernel dtype on CPU, CUDA or meta: the operators take them."""
+    if torch.compiler.is_compiling():  # Dynamo traces plain tensors; the fakes serve it
+        return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype in _FLOATS for t in ts)
+    return all(
+        _plain_type(t)
+        and t.layout == torch.strided
+        and t.device.type in ("cpu", "cuda", "meta")
+        and t.dtype in _FLOATS
+        and not t.is_conj()
+        and not t.is_neg()
+        and not _wrapped(t)
+        for t in ts
+    )
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _Cosine(torch.autograd.Function):
+    """Forward, setup_context and backward: what Dynamo can trace (it refuses a custom ``jvp``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        if kernel_ok(x1, x2):
+            return torch.ops.polycos.cosine_forward(x1, x2, axis, eps)
+        return core_forward(x1, x2, axis, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x1, x2, axis, eps = inputs
+        _, res = output
+        ctx.mark_non_differentiable(res)
+        ctx.axis, ctx.eps = axis, eps
+        ctx.save_for_backward(x1, x2, res)
+        ctx.save_for_forward(x1, x2, res)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, _: Any) -> tuple:  # type: ignore[override]
+        x1, x2, res = ctx.saved_tensors
+        need1, need2 = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            # Differentiated itself (create_graph, torch.func): the core in differentiable
+            # ops, the residuals recomputed from x1 and x2 so the second derivative sees them.
+            d1, d2 = core_backward(g, x1, x2, None, ctx.axis, ctx.eps)
+        elif kernel_ok(g, x1, x2, res):
+            d1, d2 = torch.ops.polycos.cosine_backward(g, x1, x2, res, ctx.axis, ctx.eps)
+        else:
+            d1, d2 = core_backward(g, x1, x2, res, ctx.axis, ctx.eps)
+        return (d1 if need1 else None), (d2 if need2 else None), None, None
+
+
+class CosineFunction(_Cosine):
+    r"""Row-wise cosine similarity as an ``autograd.Function``, with forward mode.
+
+    ``CosineFunction.apply(x1, x2, axis, eps)`` takes validated tensors (one
+    floating dtype, broadcastable, ``axis`` a non-negative index into the
+    broadcast shape of at least one dimension) and returns ``(s, res)``: the
+    similarity and the packed residuals (non-differentiable). ``jvp`` is the
+    core's tangent rule (:func:`polycos._core.jvp`), written directly so that
+    batched forward-mode gradients work.
+    """
+
+    @staticmethod
+    def jvp(ctx: Any, t1: Any, t2: Any, *_: Any) -> tuple:  # type: ignore[override]
+        x1, x2, res = ctx.saved_tensors
+        with _no_autocast(x1):
+            residuals = _core.unpack_residuals(xp, res, ctx.axis)
+            out = _core.jvp(xp, t1, t2, x1, x2, ctx.axis, ctx.eps, residuals)
+        return out, None
+
+
+def _pairwise_normalize(x: torch.Tensor, eps: float) -> _core.RowNorms:
+    if kernel_ok(x) and not torch.is_grad_enabled():
+        xhat, stats = torch.ops.polycos.normalize_rows(x, eps)
+    else:
+        xhat, stats = core_normalize(x, eps)
+    acc = xhat.dtype
+    # narrow, not indexing: Python indexing needs a device guard, which fake CUDA
+    # tensors lack on CPU-only builds (and narrow is what indexing lowers to).
+    m = stats.narrow(-1, 2, 1) if _core.is_rescaled(x.dtype, acc) else None
+    return _core.RowNorms(xhat, stats.narrow(-1, 0, 1), stats.narrow(-1, 1, 1), m)
+
+
+class _Pairwise(torch.autograd.Function):
+    """The similarity matrix :func:`polycos._core.pairwise_forward` and its VJP (``x2=None``: self)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> torch.Tensor:  # type: ignore[override]
+        with _no_autocast(x1):
+            return _core.pairwise_forward(
+                xp, x1, x2, eps, native_normalize=_pairwise_normalize
+            )[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x1, x2, eps = inputs
+        ctx.eps = eps
+        ctx.save_for_backward(x1, x2)
+        ctx.save_for_forward(x1, x2)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
+        # The row norms are recomputed (O((N + M) D), small beside the two products),
+        # differentiably when the backward is itself differentiated.
+        x1, x2 = ctx.saved_tensors
+        with _no_autocast(x1):
+            d1, d2 = _core.pairwise_vjp(xp, g, x1, x2, ctx.eps, native_normalize=_pairwise_normalize)
+        need1, need2 = ctx.needs_input_grad[:2]
+        return (d1 if need1 else None), (d2 if need2 else None), None
+
+
+class PairwiseFunction(_Pairwise):
+    """:class:`_Pairwise` with forward mode (:func:`polycos._core.pairwise_jvp`)."""
+
+    @staticmethod
+    def jvp(ctx: Any, t1: Any, t2: Any, *_: Any) -> torch.Tensor:  # type: ignore[override]
+        x1, x2 = ctx.saved_tensors
+        with _no_autocast(x1):
+            return _core.pairwise_jvp(xp, t1, t2, x1, x2, ctx.eps)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def apply_cosine(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row-wise Function (without ``jvp`` while Dynamo traces); 0-d inputs as 1-vectors."""
+    fn = _Cosine if _compiling() else CosineFunction
+    if x1.ndim == 0 and x2.ndim == 0:
+        s, res = fn.apply(x1.reshape(1), x2.reshape(1), 0, eps)
+        return s.reshape(()), res
+    return fn.apply(x1, x2, axis, eps)
+
+
+def apply_pairwise(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> torch.Tensor:
+    fn = _Pairwise if _compiling() else PairwiseFunction
+    return fn.apply(x1, x2, eps)
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+def _autocast_inputs(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """PyTorch's CUDA autocast runs ``cosine_similarity`` in float32; mirror it."""
+    device = xs[0].device.type
+    if device == "cuda" and torch.is_autocast_enabled(device):
+        half = (torch.float16, torch.bfloat16)
+        xs = tuple(x.float() if x.dtype in half else x for x in xs)
+    return xs
+
+
+class TorchBackend(Backend):
+    """torch.Tensor on any device: operators for plain tensors, the core in torch ops otherwise."""
+
+    autodiff = True
+
+    @property
+    def native(self) -> bool:
+        return _cpu_kernels() is not None
+
+    def namespace(self, arrays: tuple[tuple[str, Any], ...]) -> Any:
+        return xp
+
+    def accept(self, xp_: Any, arrays: tuple[tuple[str, Any], ...]) -> tuple[Any, ...]:
+        for name, x in arrays:
+            if x.layout != torch.strided:
+                raise TypeError(
+                    f"{name} is a sparse tensor (layout {x.layout}); polycos needs strided tensors: "
+                    f"pass {name}.to_dense()"
+                )
+            if x.is_nested:
+                raise TypeError(
+                    f"{name} is a nested tensor; polycos needs regular strided tensors "
+                    f"(e.g. {name}.to_padded_tensor(0.0), or loop over its components)"
+                )
+            if x.is_quantized:
+                raise TypeError(f"{name} is a quantized tensor; pass {name}.dequantize()")
+        return super().accept(xp_, arrays)
+
+    def dtype_kind(self, xp_: Any, dtype: Any) -> str | None:
+        if dtype.is_complex:
+            return "complex"
+        if dtype.is_floating_point:
+            return "float"
+        if dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4):
+            return None
+        return "integral"  # bool and every integer type
+
+    def device(self, x: Any) -> Any:
+        return x.device
+
+    def same_device(self, a: Any, b: Any) -> bool:
+        return a == b
+
+    def default_float(self, xp_: Any, like: Any) -> Any:
+        return torch.get_default_dtype()
+
+    def result_type(self, xp_: Any, x1: Any, x2: Any) -> Any:
+        """``torch.result_type`` for two floating tensors, in a form Dynamo traces.
+
+        As torch promotes: a 0-d tensor does not widen a dimensioned one of the same category.
+        """
+        if x1.dtype == x2.dtype:
+            return x1.dtype
+        if x1.ndim == 0 and x2.ndim > 0:
+            return x2.dtype
+        if x2.ndim == 0 and x1.ndim > 0:
+            return x1.dtype
+        return torch.promote_types(x1.dtype, x2.dtype)
+
+    def cast_grad(self, xp_: Any, grad: Any, dtype: Any) -> Any:
+        return grad if grad.dtype == dtype else grad.to(dtype)
+
+    # ------------------------------------------------------------------ leaves
+
+    def rowwise_forward(self, call: Call) -> tuple[Any, Any]:
+        x1, x2 = _autocast_inputs(call.x1, call.x2)
+        return apply_cosine(x1, x2, call.axis, call.eps)
+
+    def rowwise_vjp(self, g: Any, call: Call, residuals: Any) -> tuple[Any, Any]:
+        x1, x2 = call.x1, call.x2
+        if not call.shape:
+            x1, x2, g = x1.reshape(1), x2.reshape(1), g.reshape(())
+        res = residuals
+        if not torch.is_grad_enabled() and kernel_ok(g, x1, x2) and (res is None or kernel_ok(res)):
+            if res is None:
+                _, res = torch.ops.polycos.cosine_forward(x1, x2, call.axis, call.eps)
+            d1, d2 = torch.ops.polycos.cosine_backward(g, x1, x2, res, call.axis, call.eps)
+        else:
+            d1, d2 = core_backward(g, x1, x2, res, call.axis, call.eps)
+        return d1.reshape(call.x1.shape), d2.reshape(call.x2.shape)
+
+    def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
+        if x2 is None:
+            (x1,) = _autocast_inputs(x1)
+        else:
+            x1, x2 = _autocast_inputs(x1, x2)
+        return apply_pairwise(x1, x2, eps)
+
+    def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+        with _no_autocast(x1):
+            return _core.pairwise_vjp(xp, g, x1, x2, eps, native_normalize=_pairwise_normalize)
+
+    # ------------------------------------------------------------------ conversions
+
+    def to_numpy(self, x: Any) -> Any:
+        x = x.detach().cpu().resolve_conj().resolve_neg()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy().copy()
+
+    def from_numpy(self, a: Any, dtype: str | None = None, *, xp: Any = None, device: Any = None) -> Any:
+        import numpy as np
+
+        dtype = dtype or a.dtype.name
+        t = torch.from_numpy(np.array(a, dtype=np.float64 if dtype == "bfloat16" else None, copy=True))
+        return t.to(dtype=getattr(torch, dtype), device=device or "cpu")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+__all__ += ["apply_cosine", "apply_pairwise", "core_backward", "core_forward", "dtype_name", "dtype_of", "kernel_ok"]

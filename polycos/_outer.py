@@ -1,0 +1,184 @@
+r"""Outer-product broadcasts: recognised from shapes, computed as one batched matrix product.
+
+``cosine_similarity(x[:, None, :], y[None, :, :], dim=-1)`` (or SimCLR's
+``cosine_similarity(z[None], z[:, None], dim=2)``) is the pairwise similarity
+matrix spelled as a broadcast. Computed row by row it costs ``N·M·D`` reads
+(and, on autodiff backends, ``N·M·D`` memory for the broadcast inputs'
+gradients); as normalise-then-multiply it costs ``O(N·M + (N + M)·D)``
+(G9). :func:`plan` recognises the pattern once, at validation, from shapes
+alone (so it works on traced and lazy arrays), and :class:`OuterPlan` moves the
+inputs to the canonical ``(batch..., N, D)`` layout of
+:func:`polycos._core.pairwise_forward` and the result back.
+
+Let ``B`` be the broadcast shape and ``dim`` the reduced axis. Every other
+axis ``k`` of ``B`` (after prepending unit axes to the shorter input) is
+
+* **batch** if ``B[k] == 1`` or both inputs have size ``B[k]`` there,
+* **left** if ``x1`` has size ``B[k] > 1`` there and ``x2`` has size 1,
+* **right** if ``x2`` has size ``B[k] > 1`` there and ``x1`` has size 1.
+
+The call is an outer product when at least one axis is left and one is right;
+any number of each, in any order, with any batch axes, and ``dim`` anywhere.
+Results with no elements never take this path (there is nothing to compute).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["OuterPlan", "collapse_stride0", "plan"]
+
+
+@dataclass(frozen=True)
+class OuterPlan:
+    """How a row-wise call decomposes into one batched pairwise product.
+
+    Axes index the broadcast shape ``shape``; ``axis`` is the reduced one.
+    ``x1`` becomes ``(batch..., prod(left), D)`` and ``x2`` ``(batch...,
+    prod(right), D)``; when ``swap`` the product is taken as ``x2`` against
+    ``x1`` so the result comes out in the caller's axis order.
+    """
+
+    shape: tuple[int, ...]
+    axis: int
+    batch: tuple[int, ...]
+    left: tuple[int, ...]
+    right: tuple[int, ...]
+
+    @property
+    def swap(self) -> bool:
+        """The result's axis order is ``batch, right, left`` (e.g. SimCLR's ``z[None], z[:, None]``)."""
+        out = [k for k in range(len(self.shape)) if k != self.axis]
+        return out == [*self.batch, *self.right, *self.left]
+
+    def _order(self) -> tuple[int, ...]:
+        """Axes of the pairwise result, in the order it is computed."""
+        first, second = (self.right, self.left) if self.swap else (self.left, self.right)
+        return (*self.batch, *first, *second)
+
+    def _rest(self, own: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(
+            k for k in range(len(self.shape))
+            if k not in own and k not in self.batch and k != self.axis
+        )
+
+    def canonical(self, xp: Any, x: Any, own: tuple[int, ...]) -> Any:
+        """``x`` (``x1`` with ``own = left`` or ``x2`` with ``right``) as ``(batch..., R, D)``."""
+        nd = len(self.shape)
+        x = xp.reshape(x, (1,) * (nd - x.ndim) + tuple(x.shape))
+        x = xp.permute_dims(x, (*self.batch, *own, *self._rest(own), self.axis))
+        sizes = tuple(x.shape)
+        nb = len(self.batch)
+        return xp.reshape(x, (*sizes[:nb], math.prod(sizes[nb : nb + len(own)]), sizes[-1]))
+
+    def inputs(self, xp: Any, x1: Any, x2: Any) -> tuple[Any, Any]:
+        """The canonical pair, in the order the product takes them."""
+        a1, a2 = self.canonical(xp, x1, self.left), self.canonical(xp, x2, self.right)
+        return (a2, a1) if self.swap else (a1, a2)
+
+    def uncanonical(self, xp: Any, d: Any, x_shape: tuple, own: tuple[int, ...]) -> Any:
+        """Inverse of :meth:`canonical`: a gradient back to the input's shape ``x_shape``."""
+        nd = len(self.shape)
+        full = (1,) * (nd - len(x_shape)) + tuple(x_shape)
+        order = (*self.batch, *own, *self._rest(own), self.axis)
+        d = xp.reshape(d, tuple(full[k] for k in order))
+        d = xp.permute_dims(d, tuple(order.index(k) for k in range(nd)))
+        return xp.reshape(d, tuple(x_shape))
+
+    def gradients(self, xp: Any, d: tuple[Any, Any], shape1: tuple, shape2: tuple) -> tuple[Any, Any]:
+        """Pairwise gradients (in the product's order) back to the inputs' shapes."""
+        d1, d2 = (d[1], d[0]) if self.swap else d
+        return (
+            self.uncanonical(xp, d1, shape1, self.left),
+            self.uncanonical(xp, d2, shape2, self.right),
+        )
+
+    def output(self, xp: Any, s: Any) -> Any:
+        """The pairwise result ``(batch..., R1, R2)`` in the caller's shape and axis order."""
+        order = self._order()
+        s = xp.reshape(s, tuple(self.shape[k] for k in order))
+        out = [k for k in range(len(self.shape)) if k != self.axis]
+        perm = tuple(order.index(k) for k in out)
+        return s if perm == tuple(range(len(perm))) else xp.permute_dims(s, perm)
+
+    def grad(self, xp: Any, g: Any) -> Any:
+        """Inverse of :meth:`output`: an upstream gradient (full result shape) as ``(batch..., R1, R2)``."""
+        order = self._order()
+        out = [k for k in range(len(self.shape)) if k != self.axis]
+        g = xp.permute_dims(g, tuple(out.index(k) for k in order))
+        first, second = (self.right, self.left) if self.swap else (self.left, self.right)
+        sizes = (
+            *(self.shape[k] for k in self.batch),
+            math.prod(self.shape[k] for k in first),
+            math.prod(self.shape[k] for k in second),
+        )
+        return xp.reshape(g, sizes)
+
+
+def _is_int(d: Any) -> bool:
+    """A known size: an int, or a symbolic int (``torch.compile`` dynamic shapes); not dask's NaN."""
+    return isinstance(d, numbers.Integral) or type(d).__name__ == "SymInt"
+
+
+def plan(shape: tuple, axis: int, shape1: tuple, shape2: tuple) -> OuterPlan | None:
+    """The :class:`OuterPlan` of an outer-product broadcast, or ``None`` (shapes only)."""
+    nd = len(shape)
+    if nd < 3 or not all(_is_int(d) for d in (*shape, *shape1, *shape2)):
+        return None
+    if 0 in shape:  # an empty result: nothing to multiply
+        return None
+    s1 = (1,) * (nd - len(shape1)) + tuple(shape1)
+    s2 = (1,) * (nd - len(shape2)) + tuple(shape2)
+    batch, left, right = [], [], []
+    for k in range(nd):
+        if k == axis:
+            continue
+        if shape[k] == 1 or s1[k] == s2[k]:
+            batch.append(k)
+        elif s2[k] == 1:
+            left.append(k)
+        else:
+            right.append(k)
+    if not left or not right:
+        return None
+    return OuterPlan(tuple(shape), axis, tuple(batch), tuple(left), tuple(right))
+
+
+def collapse_stride0(x1: Any, x2: Any, nd: int) -> tuple[Any, Any]:
+    """Forward only: take one element along axes where one input is a stride-0 broadcast view.
+
+    ``np.broadcast_to(z[:, None], (N, N, D))`` has the full shape but one
+    distinct value per broadcast axis; taking one element there (a view)
+    reveals the outer product for the *value*. Only where the partner has the
+    full size along that axis (so the broadcast shape is unchanged), and only
+    for strided arrays that expose element strides (NumPy, CuPy). A gradient
+    needs every broadcast copy, so VJPs never collapse.
+    """
+
+    def stride0(x: Any) -> set[int]:
+        strides = getattr(x, "strides", None)
+        if not isinstance(strides, tuple) or getattr(x, "size", 0) == 0:
+            return set()
+        off = nd - x.ndim
+        return {k + off for k, (n, st) in enumerate(zip(x.shape, strides, strict=True)) if st == 0 and n > 1}
+
+    z1, z2 = stride0(x1), stride0(x2)
+    if not (z1 or z2):
+        return x1, x2
+
+    def full(x: Any, k: int) -> bool:
+        off = nd - x.ndim
+        return k - off >= 0 and x.shape[k - off] > 1
+
+    def take(x: Any, axes: set[int]) -> Any:
+        if not axes:
+            return x
+        off = nd - x.ndim
+        return x[tuple(slice(0, 1) if k + off in axes else slice(None) for k in range(x.ndim))]
+
+    c1 = {k for k in z1 - z2 if full(x2, k)}
+    c2 = {k for k in z2 - z1 if full(x1, k)}
+    return take(x1, c1), take(x2, c2)
