@@ -61,11 +61,12 @@ float64. Two flags follow from the pair: **compensated**
    representable.
 4. **Gradient** (:func:`grad_coefficients`, :func:`grad_elementwise`), in ``A``:
    :math:`c_i = \max(n_{is}, e_i)`, :math:`r_i = 1/c_i`,
-   :math:`t_i = [n_{is} > e_i]\,s`, :math:`u_i = g\,r_i / m_i` (0 where
+   :math:`t_i = [n_{is} > e_i]\,s`, :math:`u_i = g\,r_i` (0 where
    :math:`c_i = 0`), :math:`h_i = (a_i / m_i)\,r_i`, and
-   :math:`\bar x_1 = u_1 (h_2 - t_1 h_1)`, :math:`\bar x_2 = u_2 (h_1 - t_2 h_2)`,
-   rounded to ``T`` once. :math:`|h_i| \le 1`, so nothing overflows unless
-   :math:`g / c` itself does.
+   :math:`\bar x_1 = u_1 (h_2 - t_1 h_1) / m_1`, :math:`\bar x_2 = u_2 (h_1 - t_2 h_2) / m_2`,
+   rounded to ``T`` once. :math:`|h_i| \le 1` and the scale comes last, so
+   nothing overflows or underflows unless the gradient itself does (not
+   :math:`g / c` alone: parallel rows of tiny norm have a zero gradient).
 
 NaN and inf: the clamp and the maximum keep NaN, ``0/0`` becomes ``0`` only
 where a denominator is exactly zero, so a NaN or inf in a row gives NaN in that
@@ -225,9 +226,16 @@ def _keepdims_shape(shape: tuple, axis: int) -> tuple:
     return tuple(1 if i == axis else d for i, d in enumerate(shape))
 
 
-def _ones(xp: Any, like: Array) -> Array:
-    """A ``(1, ..., 1)`` array of ones of ``like``'s dtype and device (broadcasts anywhere)."""
-    return xp.ones((1,) * like.ndim, dtype=like.dtype, device=_device(like))
+def _broadcast(x1: Array, x2: Array) -> tuple:
+    """The broadcast shape of two arrays of equal rank (sizes compared, never hashed)."""
+    return tuple(b if a == 1 else a for a, b in zip(x1.shape, x2.shape, strict=True))
+
+
+def _has_no_rows(shape: tuple) -> bool:
+    """A known size 0 somewhere (unknown dask sizes are NaN or None: not known)."""
+    return any(isinstance(d, int) and d == 0 for d in shape)
+
+
 
 
 def _device(x: Array) -> Any:
@@ -247,7 +255,7 @@ def _device(x: Array) -> Any:
 def _row_scale(xp: Any, a: Array, axis: int) -> Array:
     """``m = max|a|`` along ``axis`` (keepdims); ``1`` for all-zero, empty or non-finite rows."""
     if a.shape[axis] == 0:
-        return xp.ones(_keepdims_shape(tuple(a.shape), axis), dtype=a.dtype, device=_device(a))
+        return xp.ones_like(xp.sum(a, axis=axis, keepdims=True))  # *_like: subclasses (DTensor) too
     m = xp.max(xp.abs(a), axis=axis, keepdims=True)
     ok = (m > 0) & (m < float("inf"))
     return xp.where(ok, m, xp.ones_like(m))
@@ -335,7 +343,7 @@ def accurate_dot(xp: Any, a: Array, b: Array, axis: int) -> tuple[Array, Array]:
     err = xp.sum(e, axis=-1)
     while p.shape[-1] > 1:
         if p.shape[-1] % 2:
-            pad = xp.zeros((*p.shape[:-1], 1), dtype=p.dtype, device=_device(p))
+            pad = xp.zeros_like(xp.sum(p, axis=-1, keepdims=True))  # *_like: keeps subclasses
             p = xp.concat([p, pad], axis=-1)
         # Pairs by reshape + unstack, not strided slicing: plain ops on every
         # backend (Python indexing needs a device guard on torch's fake devices).
@@ -391,13 +399,14 @@ def _row_sums(
     def sums(b1: Array, b2: Array) -> tuple[Array, ...]:
         ws = (native_dots or _generic_dots(xp))(b1, b2, axis, compensated)
         if len(ws) == 3:
-            zero = xp.zeros((1,) * a1.ndim, dtype=a1.dtype, device=_device(a1))
+            zero = xp.zeros_like(ws[0])  # helpers made *_like: same device, same tensor subclass
             ws = (*ws, zero, zero, zero)
         return tuple(ws)
 
     def unscaled() -> tuple[Array, ...]:
-        one = _ones(xp, a1)
-        return (*sums(a1, a2), one, one)
+        ws = sums(a1, a2)
+        one = xp.ones_like(ws[0])
+        return (*ws, one, one)
 
     def scaled() -> tuple[Array, ...]:
         b1, m1 = (scale or _divide_by_row_max(xp))(a1, axis)
@@ -535,6 +544,11 @@ def forward(
     """
     x1, x2 = _align(xp, x1, x2, axis)
     acc = accumulation_dtype(xp, x1.dtype, x1)
+    keep = _keepdims_shape(_broadcast(x1, x2), axis)
+    if _has_no_rows(keep):  # nothing to compute, and nothing proportional to a broadcast partner
+        zero = xp.zeros(keep, dtype=acc, device=_device(x1))
+        out = xp.zeros(tuple(d for i, d in enumerate(keep) if i != axis), dtype=x1.dtype, device=_device(x1))
+        return out, Residuals(zero, zero, zero, zero + 1, zero + 1)
     a1, a2 = xp.astype(x1, acc, copy=False), xp.astype(x2, acc, copy=False)
     compensated = is_compensated(x1.dtype, acc)
     parts = _row_sums(
@@ -562,10 +576,10 @@ def unpack_residuals(xp: Any, packed: Array, axis: int) -> Residuals:
 
 
 class GradCoefficients(NamedTuple):
-    """Per-row scalars of the VJP: ``d1 = u1 (h2 - t1 h1)`` with ``h = (a / m) r`` (and 1 <-> 2)."""
+    """Per-row scalars of the VJP: ``d1 = u1 (h2 - t1 h1) / m1`` with ``h = (a / m) r`` (and 1 <-> 2)."""
 
-    u1: Array  #: g / c1 / m1 (0 where c1 == 0)
-    u2: Array  #: g / c2 / m2
+    u1: Array  #: g / c1 (0 where c1 == 0), c1 in units of m1
+    u2: Array  #: g / c2
     r1: Array  #: 1 / c1, c1 = max(n1s, eps / m1) (1 where that is 0: x1 is then a zero vector)
     r2: Array  #: 1 / c2
     t1: Array  #: [n1s > eps / m1] s
@@ -590,9 +604,7 @@ def grad_coefficients(
         cs = xp.maximum(ns, e)
         zero = cs == 0  # eps = 0 and a zero vector: h stays 0 and so does the gradient
         r = 1 / xp.where(zero, xp.ones_like(cs), cs)
-        u = g * r
-        u = u / m if rescaled else u
-        u = xp.where(zero, xp.zeros_like(u), u)
+        u = xp.where(zero, xp.zeros_like(g), g * r)
         return u, r, xp.where(ns > e, s, xp.zeros_like(s))
 
     u1, r1, t1 = side(n1s, m1)
@@ -603,15 +615,18 @@ def grad_coefficients(
 def grad_elementwise(
     xp: Any, a1: Array, a2: Array, k: GradCoefficients, *, rescaled: bool
 ) -> tuple[Array, Array]:
-    """Step 4's elementwise pass, in the accumulation dtype: ``d1 = u1 (h2 - t1 h1)``, ``d2 = u2 (h1 - t2 h2)``.
+    """Step 4's elementwise pass, in the accumulation dtype: ``d1 = u1 (h2 - t1 h1) / m1`` and 1 <-> 2.
 
-    ``h = (a / m) r`` is bounded by 1 in magnitude, so nothing overflows or
-    underflows unless ``u = g / c`` itself does (G3). Mirrored bit for bit by
-    the gradient element of ``polycos/_kernels/rows.h``.
+    ``h = (a / m) r`` is bounded by 1 in magnitude and the row scale is applied
+    last, so nothing overflows or underflows unless the gradient itself does
+    (G3). Without rescaling (``m = 1``) the divisions are left out: same bits.
+    Mirrored bit for bit by the gradient element of ``polycos/_kernels/rows.h``.
     """
-    b1, b2 = (a1 / k.m1, a2 / k.m2) if rescaled else (a1, a2)
-    h1, h2 = b1 * k.r1, b2 * k.r2
-    return k.u1 * (h2 - k.t1 * h1), k.u2 * (h1 - k.t2 * h2)
+    if not rescaled:
+        h1, h2 = a1 * k.r1, a2 * k.r2
+        return k.u1 * (h2 - k.t1 * h1), k.u2 * (h1 - k.t2 * h2)
+    h1, h2 = (a1 / k.m1) * k.r1, (a2 / k.m2) * k.r2
+    return (k.u1 * (h2 - k.t1 * h1)) / k.m1, (k.u2 * (h1 - k.t2 * h2)) / k.m2
 
 
 def vjp(
@@ -635,13 +650,17 @@ def vjp(
     :func:`forward` are recomputed when not given.
     """
     shape1, shape2 = tuple(x1.shape), tuple(x2.shape)
+    ndim = max(x1.ndim, x2.ndim)
+    if _has_no_rows(_keepdims_shape(_broadcast(_expand_to(xp, x1, ndim), _expand_to(xp, x2, ndim)), axis)):
+        # No result elements, no terms: zero gradients (made lazily: calloc'd, never touched).
+        return (xp.zeros(shape1, dtype=x1.dtype, device=_device(x1)),
+                xp.zeros(shape2, dtype=x2.dtype, device=_device(x2)))
     if residuals is None:
         _, residuals = forward(
             xp, x1, x2, axis, eps, eager=eager, native_dots=native_dots, branch=branch
         )
     acc = residuals.s.dtype
     rescaled = is_rescaled(x1.dtype, acc)
-    ndim = max(x1.ndim, x2.ndim)
     gk = _expand_to(xp, xp.expand_dims(g, axis=axis), ndim) if g.ndim == ndim - 1 else g
     k = grad_coefficients(xp, gk, residuals, eps, rescaled=rescaled)
     x1a, x2a = _align(xp, x1, x2, axis)

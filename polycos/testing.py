@@ -43,6 +43,7 @@ __all__ = [
     "assert_vjp_matches_reference",
     "available_backends",
     "cosine_inputs",
+    "exact_reference",
     "from_numpy",
     "reference",
     "reference_vjp",
@@ -135,6 +136,53 @@ def reference(x1: Any, x2: Any, dim: int = 1, eps: float = 1e-8) -> np.ndarray:
     s = _stats(a1, a2, dim, eps)[0]
     out_shape = tuple(d for i, d in enumerate(np.broadcast_shapes(np.shape(to_numpy(x1)), np.shape(to_numpy(x2)))) if i != dim)
     return np.asarray(np.squeeze(s, axis=dim), dtype=np.float64).reshape(out_shape)
+
+
+def exact_reference(x1: Any, x2: Any, dim: int = 1, eps: float = 1e-8) -> np.ndarray:
+    """The definition evaluated exactly (rational sums, 50-digit square root), as float64.
+
+    Slow (Python arithmetic per element): for sampled rows at the top and bottom
+    of a dtype's range, where every floating-point reference needs care. Each
+    value is the exact result rounded once to float64.
+
+    >>> import numpy as np
+    >>> float(exact_reference(np.array([1e-310, 1e-310]), np.array([1e-310, 0.0]), dim=0, eps=0.0))
+    0.7071067811865476
+    """
+    import decimal
+    from fractions import Fraction
+
+    _, _, dim, _shape = _prepare(x1, x2, dim)
+    b1 = np.moveaxis(np.broadcast_to(np.asarray(_to64(x1)), _shape), dim, -1)
+    b2 = np.moveaxis(np.broadcast_to(np.asarray(_to64(x2)), _shape), dim, -1)
+    out = np.empty(b1.shape[:-1], dtype=np.float64)
+    e = Fraction(eps)
+    ctx = decimal.Context(prec=50)
+    for idx in np.ndindex(out.shape):
+        r1, r2 = b1[idx], b2[idx]
+        if not (np.all(np.isfinite(r1)) and np.all(np.isfinite(r2))):
+            out[idx] = np.nan
+            continue
+        f1 = [Fraction(float(v)) for v in r1]
+        f2 = [Fraction(float(v)) for v in r2]
+        w12 = sum((u * v for u, v in zip(f1, f2, strict=True)), Fraction(0))
+        n1 = ctx.sqrt(_dec(sum((u * u for u in f1), Fraction(0)), ctx))
+        n2 = ctx.sqrt(_dec(sum((v * v for v in f2), Fraction(0)), ctx))
+        c1, c2 = max(n1, _dec(e, ctx)), max(n2, _dec(e, ctx))
+        den = ctx.multiply(c1, c2)
+        s = decimal.Decimal(0) if den == 0 else ctx.divide(_dec(w12, ctx), den)
+        out[idx] = float(min(max(s, decimal.Decimal(-1)), decimal.Decimal(1)))
+    return out.reshape(tuple(d for i, d in enumerate(_shape) if i != dim))
+
+
+def _to64(x: Any) -> np.ndarray:
+    return np.asarray(to_numpy(x), dtype=np.float64)
+
+
+def _dec(f: Any, ctx: Any) -> Any:
+    import decimal
+
+    return ctx.divide(decimal.Decimal(f.numerator), decimal.Decimal(f.denominator))
 
 
 def _sum_to(g: np.ndarray, shape: tuple) -> np.ndarray:

@@ -39,6 +39,20 @@ class DaskBackend(Backend):
     def quiet(self) -> contextlib.AbstractContextManager:
         return np.errstate(all="ignore")
 
+    # dask arrays hold NumPy dtypes (ml_dtypes' bfloat16 too): NumPy's dtype policy.
+
+    def dtype_kind(self, xp: Any, dtype: Any) -> str | None:
+        return get("numpy").dtype_kind(xp, dtype)
+
+    def check_dtype(self, xp: Any, name: str, x: Any) -> None:
+        get("numpy").check_dtype(xp, name, x)
+
+    def default_float(self, xp: Any, like: Any) -> Any:
+        return np.float64
+
+    def result_type(self, xp: Any, x1: Any, x2: Any) -> Any:
+        return np.result_type(x1.dtype, x2.dtype)
+
     def device(self, x: Any) -> Any:
         return "cpu"
 

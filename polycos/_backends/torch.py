@@ -137,6 +137,54 @@ def _cpu_kernels() -> Any:
     return _kernels()
 
 
+def _operand(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """``(pointer, shape, element strides)``: how the kernels take a strided tensor, zero-copy."""
+    return t.data_ptr(), tuple(t.shape), tuple(t.stride())
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+class _CpuKernels:
+    """The fused CPU kernel on tensors' memory (pointers and strides; no copies, no NumPy)."""
+
+    def __init__(self, k: Any) -> None:
+        self.k = k
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float, out: torch.Tensor, res: torch.Tensor) -> None:
+        k, dtype, acc = self.k, _name(x1.dtype), _name(res.dtype)
+        try:
+            k.forward_ptr(dtype, acc, _operand(x1), _operand(x2), axis, eps, _operand(out), res.data_ptr(),
+                          torch.get_num_threads())
+        except k.NeedContiguous:  # a layout too fragmented to describe: dense copies
+            k.forward_ptr(dtype, acc, _operand(x1.contiguous()), _operand(x2.contiguous()), axis, eps,
+                          _operand(out), res.data_ptr(), torch.get_num_threads())
+
+    def backward(self, g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, res: torch.Tensor, axis: int,
+                 eps: float, d1: torch.Tensor, d2: torch.Tensor) -> None:
+        k, dtype, acc = self.k, _name(x1.dtype), _name(res.dtype)
+        args = (dtype, acc, _name(d1.dtype))
+        try:
+            k.backward_ptr(*args, _operand(g), _operand(x1), _operand(x2), axis, eps, res.data_ptr(),
+                           _operand(d1), _operand(d2), torch.get_num_threads(), g_dtype=_name(g.dtype))
+        except k.NeedContiguous:
+            k.backward_ptr(*args, _operand(g.contiguous()), _operand(x1.contiguous()), _operand(x2.contiguous()),
+                           axis, eps, res.data_ptr(), _operand(d1), _operand(d2), torch.get_num_threads(),
+                           g_dtype=_name(g.dtype))
+
+    def normalize_rows(self, x: torch.Tensor, eps: float, xhat: torch.Tensor, stats: torch.Tensor) -> None:
+        """``stats`` is ``(3, rows...)`` C-contiguous: ``cs``, ``ns``, ``m``."""
+        k = self.k
+        ptrs = [stats[i].data_ptr() for i in range(3)]
+        try:
+            k.normalize_rows_ptr(_name(x.dtype), _name(xhat.dtype), _operand(x), eps, _operand(xhat), *ptrs,
+                                 torch.get_num_threads())
+        except k.NeedContiguous:
+            k.normalize_rows_ptr(_name(x.dtype), _name(xhat.dtype), _operand(x.contiguous()), eps,
+                                 _operand(xhat), *ptrs, torch.get_num_threads())
+
+
 def _cuda_kernels() -> Any:
     try:
         from polycos.cupy import _torch_bridge
@@ -146,8 +194,10 @@ def _cuda_kernels() -> Any:
 
 
 def _native(device: torch.device) -> Any:
+    """The kernels for tensors on ``device`` (``None``: run the core in torch ops)."""
     if device.type == "cpu":
-        return _cpu_kernels()
+        k = _cpu_kernels()
+        return None if k is None else _CpuKernels(k)
     if device.type == "cuda":
         return _cuda_kernels()
     return None
@@ -165,7 +215,7 @@ def cosine_forward(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) ->
     shape = _out_shape(x1, x2, axis)
     out = torch.empty(shape, dtype=x1.dtype, device=x1.device)
     res = torch.empty((*shape, 5), dtype=_acc(x1.dtype), device=x1.device)
-    native.torch_forward(x1, x2, axis, eps, out, res)
+    native.forward(x1, x2, axis, eps, out, res)
     return out, res
 
 
@@ -188,7 +238,7 @@ def cosine_backward(
     dtype = x1.dtype if full else _acc(x1.dtype)  # broadcast rows are summed in the accumulation dtype
     d1 = torch.empty(shape, dtype=dtype, device=x1.device)
     d2 = torch.empty(shape, dtype=dtype, device=x1.device)
-    native.torch_backward(g, x1, x2, res, axis, eps, d1, d2)
+    native.backward(g, x1, x2, res, axis, eps, d1, d2)
     if full:
         return d1, d2
     return (
@@ -208,12 +258,12 @@ def _cosine_backward_fake(
 def normalize_rows(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows along the last axis over ``max(||x||, eps)``, in the accumulation dtype, and ``(cs, ns, m)``."""
     native = _native(x.device)
-    if native is None or not hasattr(native, "torch_normalize_rows"):
+    if native is None or not hasattr(native, "normalize_rows"):
         return core_normalize(x, eps)
     xhat = torch.empty(x.shape, dtype=_acc(x.dtype), device=x.device)
-    stats = torch.empty((*x.shape[:-1], 3), dtype=_acc(x.dtype), device=x.device)
-    native.torch_normalize_rows(x, eps, xhat, stats)
-    return xhat, stats
+    stats = torch.empty((3, *x.shape[:-1]), dtype=_acc(x.dtype), device=x.device)
+    native.normalize_rows(x, eps, xhat, stats)
+    return xhat, stats.movedim(0, -1).contiguous()
 
 
 @normalize_rows.register_fake
@@ -238,8 +288,8 @@ def _wrapped(t: torch.Tensor) -> bool:
 
 def kernel_ok(*ts: torch.Tensor) -> bool:
     """Plain strided tensors of a kernel dtype on CPU, CUDA or meta: the operators take them."""
-    if torch.compiler.is_compiling():  # Dynamo traces plain tensors; the fakes serve it
-        return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype in _FLOATS for t in ts)
+    if torch.compiler.is_compiling():  # Dynamo and export trace plain (or fake) tensors; the fakes serve them
+        return all(_plain_type(t) and t.dtype in _FLOATS for t in ts)
     return all(
         _plain_type(t)
         and t.layout == torch.strided
@@ -439,17 +489,8 @@ class TorchBackend(Backend):
         return torch.get_default_dtype()
 
     def result_type(self, xp_: Any, x1: Any, x2: Any) -> Any:
-        """``torch.result_type`` for two floating tensors, in a form Dynamo traces.
-
-        As torch promotes: a 0-d tensor does not widen a dimensioned one of the same category.
-        """
-        if x1.dtype == x2.dtype:
-            return x1.dtype
-        if x1.ndim == 0 and x2.ndim > 0:
-            return x2.dtype
-        if x2.ndim == 0 and x1.ndim > 0:
-            return x1.dtype
-        return torch.promote_types(x1.dtype, x2.dtype)
+        """As ``F.cosine_similarity`` promotes: ``torch.promote_types`` (0-d tensors count fully)."""
+        return x1.dtype if x1.dtype == x2.dtype else torch.promote_types(x1.dtype, x2.dtype)
 
     def cast_grad(self, xp_: Any, grad: Any, dtype: Any) -> Any:
         return grad if grad.dtype == dtype else grad.to(dtype)

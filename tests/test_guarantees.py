@@ -1,0 +1,310 @@
+"""Every guarantee of the spec (G1-G9, section 4), tested once, over every installed backend.
+
+Driven by the table in ``tests/cases.py``: the backends with their capability
+flags, the sample inputs and the error inputs. Framework-specific machinery
+(torch OpInfo, gradcheck, FakeTensor, compile; JAX transforms) lives in
+``test_torch.py`` and ``test_jax.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cases import BACKENDS, ERRORS, SAMPLES, BackendInfo, ErrorInput, Sample
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import polycos
+from polycos import _backends
+from polycos.testing import (
+    _finfo,
+    _round_to,
+    assert_matches_reference,
+    assert_vjp_matches_reference,
+    cosine_inputs,
+    exact_reference,
+    reference,
+    reference_vjp,
+    to_numpy,
+)
+
+backends = pytest.mark.parametrize("info", BACKENDS, ids=lambda b: b.name)
+
+
+def _flushed(info: BackendInfo, a: np.ndarray, dtype: str) -> np.ndarray:
+    """What the backend computes with: XLA arithmetic flushes subnormal inputs to zero."""
+    if not info.flushes_subnormals:
+        return a
+    tiny = float(_finfo(dtype).smallest_normal)
+    return np.where(np.abs(a) < tiny, 0.0, a)
+
+
+def _inputs(info: BackendInfo, sample: Sample, dtype: str) -> tuple:
+    x1, x2 = info.array(sample.x1, dtype), info.array(sample.x2, dtype)
+    r1 = _flushed(info, to_numpy(x1).astype(np.float64), dtype)
+    r2 = _flushed(info, to_numpy(x2).astype(np.float64), dtype)
+    return x1, x2, r1, r2
+
+
+def _same_library(info: BackendInfo, out: object) -> None:
+    owner = _backends.backend_for((("result", out),))
+    assert owner.name == info.name, f"result is {type(out).__name__}, not a {info.name} array"
+
+
+def _dtype(x: object) -> str:
+    return str(x.dtype).rsplit(".", 1)[-1]  # type: ignore[attr-defined]
+
+
+def _cases(info: BackendInfo, dtypes: tuple[str, ...] | None = None) -> list:
+    return [
+        pytest.param(info, s, d, id=f"{info.name}-{s.name}-{d}")
+        for s in SAMPLES
+        for d in (dtypes or info.dtypes)
+        if d in s.dtypes and d in info.dtypes
+    ]
+
+
+ALL_CASES = [c for info in BACKENDS for c in _cases(info)]
+
+
+# --------------------------------------------------------------------------- G1, G2 on the sample table
+
+
+@pytest.mark.parametrize(("info", "sample", "dtype"), ALL_CASES)
+def test_samples_match_the_exact_value(info: BackendInfo, sample: Sample, dtype: str) -> None:
+    """G1, G2: |s| <= 1 and within 1 ulp(1.0) of the exact value; type, dtype and shape kept."""
+    x1, x2, r1, r2 = _inputs(info, sample, dtype)
+    s = polycos.cosine_similarity(x1, x2, sample.dim, sample.eps)
+    _same_library(info, s)
+    assert _dtype(s) == dtype
+    assert_matches_reference(s, r1, r2, sample.dim, sample.eps)
+    if info.name != "jax" or dtype != "float64":
+        assert _dtype(s) == _dtype(x1)
+
+
+@pytest.mark.parametrize(("info", "sample", "dtype"), [c for info in BACKENDS for c in _cases(info, ("float32", "float64"))])
+def test_sample_gradients_match_the_exact_vjp(info: BackendInfo, sample: Sample, dtype: str) -> None:
+    """The VJP (and the library's autodiff) against the exact derivative (spec 2.5)."""
+    x1, x2, r1, r2 = _inputs(info, sample, dtype)
+    out_shape = np.broadcast_shapes(np.shape(r1), np.shape(r2))
+    out_shape = tuple(d for i, d in enumerate(out_shape) if i != sample.dim % max(len(out_shape), 1))
+    g = np.linspace(-1.0, 2.0, num=max(int(np.prod(out_shape)), 1))[: int(np.prod(out_shape))].reshape(out_shape)
+    grads = polycos.cosine_similarity_vjp(info.array(g, dtype), x1, x2, sample.dim, sample.eps)
+    for d, x in zip(grads, (x1, x2), strict=True):
+        _same_library(info, d)
+        assert tuple(d.shape) == tuple(x.shape)
+        assert _dtype(d) == _dtype(x)
+    assert_vjp_matches_reference(grads, g, r1, r2, sample.dim, sample.eps, ulps=4)
+    if info.autodiff and g.size:
+        auto = info.grad_of(lambda a, b: polycos.cosine_similarity(a, b, sample.dim, sample.eps) * info.array(g, dtype), x1, x2)
+        assert_vjp_matches_reference(auto, g, r1, r2, sample.dim, sample.eps, ulps=4)
+
+
+@backends
+@given(data=st.data())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_random_inputs_match_the_exact_value(info: BackendInfo, data: st.DataObject) -> None:
+    """G1, G2, G6 on Hypothesis inputs: every shape, dim, broadcast and hard case."""
+    case = data.draw(cosine_inputs(np, dtypes=info.dtypes, max_side=info.max_side))
+    x1, x2 = info.array(case.x1, _dtype(case.x1)), info.array(case.x2, _dtype(case.x2))
+    dtype = _dtype(case.x1)
+    r1 = _flushed(info, case.x1.astype(np.float64), dtype)
+    r2 = _flushed(info, case.x2.astype(np.float64), dtype)
+    s = polycos.cosine_similarity(x1, x2, case.dim, case.eps)
+    assert_matches_reference(s, r1, r2, case.dim, case.eps)
+    g = np.ones(np.shape(reference(r1, r2, case.dim, case.eps)))
+    grads = polycos.cosine_similarity_vjp(info.array(g, dtype), x1, x2, case.dim, case.eps)
+    assert_vjp_matches_reference(grads, g, r1, r2, case.dim, case.eps)
+
+
+@backends
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_identical_vectors_never_exceed_one(info: BackendInfo, dtype: str) -> None:
+    """G1: s(x, x) == 1 exactly and |s| <= 1 (PyTorch gives 1 + 2e-7 on 20-30 % of rows)."""
+    if dtype not in info.dtypes:
+        pytest.skip(f"{info.name} does not compute in {dtype} here")
+    x = np.random.default_rng(4).standard_normal((512, 37))
+    a = info.array(x, dtype)
+    s = to_numpy(polycos.cosine_similarity(a, a)).astype(np.float64)
+    assert np.all(np.abs(s) <= 1.0)
+    np.testing.assert_array_equal(s, 1.0)
+    s = to_numpy(polycos.cosine_similarity(a, info.array(-2.0 * to_numpy(a).astype(np.float64), dtype)))
+    np.testing.assert_array_equal(s.astype(np.float64), -1.0)
+
+
+@backends
+@pytest.mark.parametrize("d", [1000, 65536])
+def test_long_rows_within_one_ulp(info: BackendInfo, d: int) -> None:
+    """G2 up to D = 65536, nearly parallel rows (where rounding shows most)."""
+    r = np.random.default_rng(d)
+    x1 = r.standard_normal((4, d))
+    x2 = x1 + 1e-3 * r.standard_normal((4, d)) + 0.5
+    for dtype in ("float32", "float64"):
+        if dtype in info.dtypes:
+            a1, a2 = info.array(x1, dtype), info.array(x2, dtype)
+            assert_matches_reference(polycos.cosine_similarity(a1, a2), a1, a2)
+
+
+# --------------------------------------------------------------------------- G3: the whole finite range
+
+
+def _exponents(dtype: str) -> list[int]:
+    info = _finfo(dtype)
+    top = int(np.log2(float(info.max)))
+    bottom = int(np.log2(float(info.smallest_subnormal)))
+    return [bottom + 3, bottom + 12, int(np.log2(float(info.smallest_normal))) - 1, 0, top // 2, top - 12, top - 1, top]
+
+
+@backends
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_scale_safe_over_the_whole_finite_range(info: BackendInfo, dtype: str) -> None:
+    """G3: rows scaled to the top and bottom of the range (subnormals too), eps = 0, exact reference."""
+    if dtype not in info.dtypes:
+        pytest.skip(f"{info.name} does not compute in {dtype} here")
+    r = np.random.default_rng(7)
+    base1 = r.uniform(0.25, 1.0, (len(_exponents(dtype)), 5)) * r.choice([-1.0, 1.0], (8, 5))
+    base2 = r.uniform(0.25, 1.0, base1.shape) * r.choice([-1.0, 1.0], base1.shape)
+    e = np.array(_exponents(dtype))[:, None]
+    x1 = _round_to(np.ldexp(base1, e - 1), dtype)
+    x2 = _round_to(np.ldexp(base2, e - 1), dtype)
+    a1, a2 = info.array(x1, dtype), info.array(x2, dtype)
+    v1 = _flushed(info, to_numpy(a1).astype(np.float64), dtype)
+    v2 = _flushed(info, to_numpy(a2).astype(np.float64), dtype)
+    s = to_numpy(polycos.cosine_similarity(a1, a2, eps=0.0)).astype(np.float64)
+    exact = exact_reference(v1, v2, eps=0.0)
+    ulp = 2.0 ** -{"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}[dtype]
+    np.testing.assert_array_less(np.abs(s - exact), ulp + 1e-300)
+    # Gradients: finite where the true gradient is representable, and right.
+    g = np.ones(s.shape)
+    grads = polycos.cosine_similarity_vjp(info.array(g, dtype), a1, a2, eps=0.0)
+    if not info.grad_flushes_subnormals:
+        assert_vjp_matches_reference(grads, g, v1, v2, 1, 0.0, ulps=4)
+
+
+@backends
+def test_half_precision_extremes(info: BackendInfo) -> None:
+    """G3: float16 values of 60000 (squares overflow float16) give the right answer."""
+    if "float16" not in info.dtypes:
+        pytest.skip(f"no float16 on {info.name}")
+    x = info.array(np.array([[60000.0, 60000.0], [60000.0, -60000.0]]), "float16")
+    y = info.array(np.array([[60000.0, 60000.0], [60000.0, 60000.0]]), "float16")
+    np.testing.assert_array_equal(to_numpy(polycos.cosine_similarity(x, y)).astype(np.float64), [1.0, 0.0])
+
+
+# --------------------------------------------------------------------------- G4, G6
+
+
+@backends
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_zero_vectors_give_zero_and_finite_gradients(info: BackendInfo, eps: float) -> None:
+    """G4: zero rows give s = 0 and finite gradients, with eps > 0 and eps = 0 (0 there)."""
+    x1 = info.array(np.zeros((2, 3)), "float32")
+    x2 = info.array(np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), "float32")
+    s = to_numpy(polycos.cosine_similarity(x1, x2, eps=eps))
+    np.testing.assert_array_equal(s, [0.0, 0.0])
+    g1, g2 = (to_numpy(g) for g in polycos.cosine_similarity_vjp(info.array(np.ones(2), "float32"), x1, x2, eps=eps))
+    assert np.all(np.isfinite(g1))
+    assert np.all(np.isfinite(g2))
+    if eps == 0.0:
+        np.testing.assert_array_equal(g1, 0.0)
+        np.testing.assert_array_equal(g2, 0.0)
+
+
+@backends
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_rows_are_isolated(info: BackendInfo, bad: float) -> None:
+    """G6: NaN or inf in a row gives NaN in that element only; other elements keep their bits."""
+    r = np.random.default_rng(2)
+    x1, x2 = r.standard_normal((5, 4)), r.standard_normal((5, 4))
+    clean = to_numpy(polycos.cosine_similarity(info.array(x1, "float32"), info.array(x2, "float32")))
+    x1[2, 1] = bad
+    a1, a2 = info.array(x1, "float32"), info.array(x2, "float32")
+    s = to_numpy(polycos.cosine_similarity(a1, a2))
+    assert np.isnan(s[2])
+    np.testing.assert_array_equal(np.delete(s, 2), np.delete(clean, 2))
+    g1, g2 = (to_numpy(g) for g in polycos.cosine_similarity_vjp(info.array(np.ones(5), "float32"), a1, a2))
+    assert np.all(np.isfinite(np.delete(g1, 2, axis=0)))
+    assert np.all(np.isfinite(np.delete(g2, 2, axis=0)))
+
+
+# --------------------------------------------------------------------------- G7, G8
+
+
+@backends
+@pytest.mark.parametrize("sample", [s for s in SAMPLES if s.name in ("random_3d_dim1", "broadcast_query", "outer_simclr", "nan_row")], ids=lambda s: s.name)
+def test_inputs_unmodified_and_outputs_fresh(info: BackendInfo, sample: Sample) -> None:
+    """G7: inputs keep their bits; results share no memory with them."""
+    x1, x2 = info.array(sample.x1, "float32"), info.array(sample.x2, "float32")
+    before = (to_numpy(x1).tobytes(), to_numpy(x2).tobytes())
+    s = polycos.cosine_similarity(x1, x2, sample.dim, sample.eps)
+    g = polycos.cosine_similarity_vjp(info.array(np.ones(tuple(s.shape)), "float32"), x1, x2, sample.dim, sample.eps)
+    assert (to_numpy(x1).tobytes(), to_numpy(x2).tobytes()) == before
+    if info.name in ("numpy", "torch"):
+        import torch  # noqa: F401  (the torch case needs it; numpy is always here)
+
+        for out in (s, *g):
+            for x in (x1, x2):
+                assert not _shares_memory(out, x)
+
+
+def _shares_memory(a: object, b: object) -> bool:
+    if isinstance(a, np.ndarray):
+        return bool(np.shares_memory(a, b))
+    a_ptr = a.untyped_storage().data_ptr()  # type: ignore[attr-defined]
+    return a_ptr == b.untyped_storage().data_ptr() and a.numel() > 0  # type: ignore[attr-defined]
+
+
+@backends
+def test_bitwise_repeatable(info: BackendInfo) -> None:
+    """G8: same inputs, same backend: same bits, values and gradients."""
+    r = np.random.default_rng(3)
+    x1, x2 = info.array(r.standard_normal((600, 70)), "float32"), info.array(r.standard_normal((600, 70)), "float32")
+    a, b = (to_numpy(polycos.cosine_similarity(x1, x2)) for _ in range(2))
+    assert a.tobytes() == b.tobytes()
+    g = info.array(np.linspace(-1, 1, 600), "float32")
+    ga, gb = (tuple(to_numpy(t) for t in polycos.cosine_similarity_vjp(g, x1, x2)) for _ in range(2))
+    assert all(u.tobytes() == v.tobytes() for u, v in zip(ga, gb, strict=True))
+
+
+# --------------------------------------------------------------------------- G9
+
+
+@backends
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_outer_broadcast_takes_the_matrix_path(info: BackendInfo, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """G9: an outer-product broadcast is one matrix product, equal to the pairwise spelling."""
+    if dtype not in info.dtypes:
+        pytest.skip(f"{info.name} does not compute in {dtype} here")
+    backend = _backends.get(info.name)
+    z = np.random.default_rng(5).standard_normal((6, 5))
+    a = info.array(z, dtype)
+    seen = []
+    original = type(backend).pairwise_forward
+
+    def spy(self: object, x1: object, x2: object, eps: float) -> object:
+        seen.append(tuple(x1.shape))  # type: ignore[attr-defined]
+        return original(self, x1, x2, eps)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(backend), "pairwise_forward", spy)
+    za = to_numpy(a).astype(np.float64)
+    # float64 has no wider product: the documented bound of a float64 GEMM (docs/pairwise.md).
+    ulps = 1.0 if dtype != "float64" else (za.shape[-1] + 4) / 2
+    for r1, r2, dim in ((za[None], za[:, None], 2), (za[:, None, :], za[None, :, :], -1)):
+        s = polycos.cosine_similarity(info.array(r1, dtype), info.array(r2, dtype), dim=dim)
+        assert_matches_reference(s, r1, r2, dim, ulps=ulps)
+    assert len(seen) == 2
+    p = polycos.pairwise_cosine_similarity(a)
+    assert_matches_reference(p, za[:, None, :], za[None, :, :], -1, ulps=ulps)
+
+
+# --------------------------------------------------------------------------- section 4: bad input
+
+
+@pytest.mark.parametrize(
+    ("info", "err"), [pytest.param(i, e, id=f"{i.name}-{e.name}") for i in BACKENDS for e in ERRORS
+                      if e.backends is None or i.name in e.backends],
+)
+def test_bad_input_raises_at_once_naming_the_argument(info: BackendInfo, err: ErrorInput) -> None:
+    fn, args, kwargs = err.build(info)
+    with pytest.raises(err.exc, match=err.match):
+        fn(*args, **kwargs)
