@@ -162,8 +162,9 @@ def _cosine_jvp(axis: int, eps: float, primals: tuple, tangents: tuple) -> tuple
     acc = packed.dtype
     ds_acc = _core.jvp_accumulated(xp, t1, t2, x1, x2, axis, eps, res)  # linear in (t1, t2)
     ds = ds_acc.astype(out.dtype)
-    dn1 = _norm_tangent(x1, t1, res.n1s, res.m1, axis, acc)
-    dn2 = _norm_tangent(x2, t2, res.n2s, res.m2, axis, acc)
+    a1, a2 = _core._align(xp, x1, x2, axis)  # each row at its full length along the axis
+    dn1 = _norm_tangent(a1, jnp.broadcast_to(_core._expand_to(xp, t1, a1.ndim), a1.shape), res.n1s, res.m1, axis, acc)
+    dn2 = _norm_tangent(a2, jnp.broadcast_to(_core._expand_to(xp, t2, a2.ndim), a2.shape), res.n2s, res.m2, axis, acc)
     shape = ds_acc.shape
     zero = jnp.zeros(shape, acc)
     dres = jnp.stack([ds_acc, jnp.broadcast_to(dn1, shape), jnp.broadcast_to(dn2, shape), zero, zero], axis=-1)
@@ -234,6 +235,10 @@ def _normalize(x: jax.Array, eps: float) -> _core.RowNorms:
 
 pairwise.defvjp(_pairwise_fwd, _pairwise_bwd)
 
+# Jitted entry points (as _value and _vjp above): one compilation per shape, not one per op.
+_pairwise_jit = jax.jit(pairwise, static_argnums=(2,))
+_pairwise_vjp_jit = jax.jit(pairwise_vjp, static_argnums=(3,))
+
 
 # --------------------------------------------------------------------------- the backend
 
@@ -251,7 +256,20 @@ class JaxBackend(Backend):
         return jnp
 
     def device(self, x: Any) -> Any:
-        return None  # JAX moves and shards arrays itself; a traced array has no device
+        """The device(s) of a concrete array *committed* to them; ``None`` (any) otherwise.
+
+        JAX moves uncommitted arrays itself, and a traced array has no device;
+        arrays committed to different devices cannot meet in one computation.
+        """
+        if isinstance(x, jax.core.Tracer):
+            return None
+        try:
+            if not x.committed:
+                return None
+            devices = x.devices()
+        except Exception:
+            return None
+        return next(iter(devices)) if len(devices) == 1 else frozenset(devices)
 
     def default_float(self, xp_: Any, like: Any) -> Any:
         return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
@@ -283,10 +301,10 @@ class JaxBackend(Backend):
         return jnp.reshape(d1, x1.shape), jnp.reshape(d2, x2.shape)
 
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
-        return pairwise(x1, x2, eps)
+        return _pairwise_jit(x1, x2, eps)
 
     def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
-        return pairwise_vjp(g, x1, x2, eps)
+        return _pairwise_vjp_jit(g, x1, x2, eps)
 
     def to_numpy(self, x: Any) -> Any:
         import numpy as np

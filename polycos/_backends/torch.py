@@ -442,6 +442,11 @@ def _autocast_inputs(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return xs
 
 
+#: Integer types torch converts to floating types (bool included); sub-byte and bits types are not.
+_INTEGRAL = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+             *(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)))
+
+
 class TorchBackend(Backend):
     """torch.Tensor on any device: operators for plain tensors, the core in torch ops otherwise."""
 
@@ -456,18 +461,28 @@ class TorchBackend(Backend):
 
     def accept(self, xp_: Any, arrays: tuple[tuple[str, Any], ...]) -> tuple[Any, ...]:
         for name, x in arrays:
+            if type(x).__module__.startswith("torch.masked"):
+                raise TypeError(
+                    f"{name} is a torch.masked.MaskedTensor; polycos does not apply masks: pass "
+                    f"{name}.to_tensor(value) (masked entries filled) or {name}.get_data() explicitly"
+                )
+            if x.is_nested:  # before the layout: jagged nested tensors have layout torch.jagged
+                raise TypeError(
+                    f"{name} is a nested tensor (layout {x.layout}); polycos needs regular strided tensors "
+                    f"(e.g. {name}.to_padded_tensor(0.0), or loop over its components)"
+                )
             if x.layout != torch.strided:
                 raise TypeError(
                     f"{name} is a sparse tensor (layout {x.layout}); polycos needs strided tensors: "
                     f"pass {name}.to_dense()"
                 )
-            if x.is_nested:
-                raise TypeError(
-                    f"{name} is a nested tensor; polycos needs regular strided tensors "
-                    f"(e.g. {name}.to_padded_tensor(0.0), or loop over its components)"
-                )
             if x.is_quantized:
-                raise TypeError(f"{name} is a quantized tensor; pass {name}.dequantize()")
+                raise TypeError(f"{name} is a quantized tensor (dtype {x.dtype}); pass {name}.dequantize()")
+            if self.dtype_kind(xp_, x.dtype) is None:
+                raise TypeError(
+                    f"{name} has dtype {x.dtype}, which torch cannot convert to a floating dtype; "
+                    "expected a real floating (float16, bfloat16, float32, float64), integer or bool dtype"
+                )
         return super().accept(xp_, arrays)
 
     def dtype_kind(self, xp_: Any, dtype: Any) -> str | None:
@@ -475,9 +490,9 @@ class TorchBackend(Backend):
             return "complex"
         if dtype.is_floating_point:
             return "float"
-        if dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4):
-            return None
-        return "integral"  # bool and every integer type
+        if dtype in _INTEGRAL:
+            return "integral"
+        return None  # quantized, bits*, sub-byte integers (uint1-7, int1-7): no conversion to float
 
     def device(self, x: Any) -> Any:
         return x.device
