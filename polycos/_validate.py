@@ -14,12 +14,14 @@ re-validate.
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
-from dataclasses import dataclass
+import sys
 from typing import Any
 
 from polycos import _backends, _outer
+from polycos._call import Call, PairwiseCall
 
 __all__ = [
     "Call",
@@ -32,57 +34,6 @@ __all__ = [
     "validate",
     "validate_pairwise",
 ]
-
-
-@dataclass(frozen=True)
-class Call:
-    """A validated row-wise call.
-
-    ``x1`` and ``x2`` are promoted to one real floating dtype but *not*
-    broadcast (so no ``N*M*D`` array is ever built); ``shape`` is their
-    broadcast shape and ``axis`` a non-negative index into it (a 0-d broadcast
-    shape has ``shape == ()``, ``axis == 0``). ``outer`` is the plan of an
-    outer-product broadcast (``None`` if it is not one).
-    """
-
-    backend: Any
-    xp: Any
-    x1: Any
-    x2: Any
-    shape: tuple
-    axis: int
-    eps: float
-    outer: _outer.OuterPlan | None
-
-    @property
-    def dtype(self) -> Any:
-        return self.x1.dtype
-
-    @property
-    def out_shape(self) -> tuple:
-        """The result's shape: the broadcast shape without ``axis``."""
-        return tuple(d for i, d in enumerate(self.shape) if i != self.axis)
-
-    @property
-    def empty(self) -> bool:
-        """The result has no elements (checked on known sizes only)."""
-        return any(type(d) is int and d == 0 for d in self.out_shape)
-
-
-@dataclass(frozen=True)
-class PairwiseCall:
-    """A validated pairwise call: one floating dtype, ``x2=None`` for self-similarity."""
-
-    backend: Any
-    xp: Any
-    x1: Any
-    x2: Any | None
-    eps: float
-    shape: tuple  #: result shape ``(..., N, M)``
-
-    @property
-    def dtype(self) -> Any:
-        return self.x1.dtype
 
 
 # --------------------------------------------------------------------------- pieces
@@ -129,7 +80,7 @@ def broadcast_shapes(*shapes: tuple, names: tuple[str, ...] = ()) -> tuple:
                 continue
             if size == 1:
                 size = d
-            elif not d == size:
+            elif not d == size:  # noqa: SIM201 (== only: symbolic sizes define __eq__)
                 who = " and ".join(
                     f"{n} with shape {_shape_str(sh)}" for n, sh in zip(names, shapes, strict=False)
                 ) or ", ".join(_shape_str(sh) for sh in shapes)
@@ -142,10 +93,30 @@ def _shape_str(shape: tuple) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, shortened in the middle when long (``eps=10**400`` has 401 digits)."""
+    try:
+        text = repr(value)
+    except Exception:  # a repr that fails is no reason to hide the error being reported
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-(limit // 2) :]} ({len(text)} characters)"
+
+
+def _traced(value: Any) -> bool:
+    """A value traced by ``jax.jit`` (a JAX tracer): its number is unknown while polycos plans the call."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.core.Tracer)
+
+
 def normalize_axis(axis: Any, ndim: int, *, name: str = "dim", shape: tuple = ()) -> int:
     """Resolve a possibly negative axis against ``ndim`` (a 0-d shape counts as 1-d)."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {axis!r} of type {type(axis).__name__}")
+        if _traced(axis):
+            raise TypeError(
+                f"{name} must be a Python int, got a value traced by jax.jit ({_short(axis)}); "
+                f"pass {name} as a static argument (static_argnames) or close over it"
+            )
+        raise TypeError(f"{name} must be an int, got {_short(axis)} of type {type(axis).__name__}")
     axis = int(axis)
     n = max(ndim, 1)
     if not -n <= axis < n:
@@ -168,26 +139,54 @@ def resolve_dim(dim: Any, axis: Any, default: int = 1) -> Any:
 
 
 def check_eps(eps: Any) -> float:
-    """``eps`` must be a finite, non-negative real number (0-d arrays that convert are accepted)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    """``eps`` must be a finite, non-negative real number, returned as a Python float.
+
+    Accepted: Python and NumPy reals (``Fraction`` too), ``decimal.Decimal``,
+    and concrete 0-d real arrays of any library. Rejected with ``TypeError``:
+    bools, complex numbers, strings, arrays with dimensions, values traced by
+    ``jax.jit``, and tensors that require grad (polycos does not differentiate
+    with respect to ``eps``). Negative, NaN, infinite or too-large values
+    raise ``ValueError``; ``-0.0`` is ``0.0``.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, decimal.Decimal)):
         if isinstance(eps, bool) or getattr(eps, "shape", None) != ():
-            raise TypeError(f"eps must be a real number, got {eps!r} of type {type(eps).__name__}")
+            raise TypeError(f"eps must be a real number, got {_short(eps)} of type {type(eps).__name__}")
         dtype = str(getattr(eps, "dtype", ""))
         if "complex" in dtype or "bool" in dtype:
-            raise TypeError(f"eps must be a real number, got {eps!r} of dtype {dtype}")
+            raise TypeError(f"eps must be a real number, got {_short(eps)} of dtype {dtype}")
+        if _traced(eps):
+            raise TypeError(
+                f"eps must be a concrete number, got a value traced by jax.jit ({_short(eps)}); "
+                "pass eps as a static argument (static_argnames) or close over it"
+            )
+        if getattr(eps, "requires_grad", False):
+            raise TypeError(
+                f"eps is a tensor that requires grad ({_short(eps)}); polycos treats eps as a "
+                "constant, so no gradient would reach it: pass float(eps.detach())"
+            )
         try:
             eps = float(eps)
         except (TypeError, ValueError):
             raise TypeError(
-                f"eps must be a real number, got {eps!r} of type {type(eps).__name__}"
+                f"eps must be a real number, got {_short(eps)} of type {type(eps).__name__}"
             ) from None
+    if isinstance(eps, decimal.Decimal) and not eps.is_finite():  # float() refuses a signalling NaN
+        raise ValueError(f"eps must be finite and >= 0, got eps={_short(eps)}")
     try:
         value = float(eps)
     except OverflowError:  # e.g. 10**400
-        raise ValueError(f"eps must be finite and >= 0, got eps={eps!r} (too large for a float)") from None
+        raise ValueError(f"eps must be finite and >= 0, got eps={_short(eps)} (too large for a float)") from None
     if not 0 <= value < math.inf:  # comparisons, not math.isfinite: a symbolic float stays symbolic
-        raise ValueError(f"eps must be finite and >= 0, got eps={eps!r}")
-    return value
+        too_large = " (too large for a float)" if value == math.inf and not _is_inf(eps) else ""
+        raise ValueError(f"eps must be finite and >= 0, got eps={_short(eps)}{too_large}")
+    return value + 0.0  # -0.0 becomes 0.0
+
+
+def _is_inf(eps: Any) -> bool:
+    try:
+        return bool(eps == math.inf)
+    except Exception:
+        return False
 
 
 def _backend_and_namespace(arrays: tuple[tuple[str, Any], ...]) -> tuple[Any, Any]:

@@ -324,23 +324,10 @@ def available_backends() -> dict[str, Callable[[np.ndarray], Any]]:
 
     out: dict[str, Callable[[np.ndarray], Any]] = {}
     for name in _backends.installed():
-        if name == "cupy" and not _cuda_available():
-            continue
         backend = _backends.get(name)
-        xp = None
-        if name == "array_api_strict":
-            import array_api_strict as xp
-        out[name] = lambda a, b=backend, x=xp: b.from_numpy(np.asarray(a), xp=x)
+        if backend.usable():
+            out[name] = lambda a, b=backend: b.from_numpy(np.asarray(a))
     return out
-
-
-def _cuda_available() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 def assert_backends_agree(

@@ -31,7 +31,7 @@ from polycos import _core
 
 if TYPE_CHECKING:
     from polycos._backends import Entry
-    from polycos._validate import Call, PairwiseCall
+    from polycos._call import Call, PairwiseCall
 
 __all__ = ["Backend", "dtype_name"]
 
@@ -73,6 +73,10 @@ class Backend:
     def native(self) -> bool:
         """Whether a compiled kernel serves plain arrays on this machine."""
         return False
+
+    def usable(self) -> bool:
+        """Whether arrays of this library can be computed on here (CuPy: a working GPU)."""
+        return True
 
     def owns(self, x: Any) -> bool:
         """Whether ``x`` is an array of this backend's library."""
@@ -168,8 +172,15 @@ class Backend:
         return xp.result_type(x1, x2)
 
     def cast_grad(self, xp: Any, grad: Any, dtype: Any) -> Any:
-        """An upstream gradient in the result dtype (real floating, integer or bool only)."""
-        return grad if grad.dtype == dtype else xp.astype(grad, dtype)
+        """An upstream gradient in the result dtype (real floating, integer or bool only).
+
+        As autograd holds it: a value beyond the result dtype's range becomes
+        ``inf`` (quietly: a valid call raises no floating-point warning, G13).
+        """
+        if grad.dtype == dtype:
+            return grad
+        with self.quiet():
+            return xp.astype(grad, dtype)
 
     # ------------------------------------------------------------------ the route
 

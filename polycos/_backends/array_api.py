@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from polycos._backends._base import Backend
+import array_api_compat
+
+from polycos._backends._base import Backend, dtype_name
 
 __all__ = ["ArrayAPIBackend"]
 
@@ -34,3 +36,14 @@ class ArrayAPIBackend(Backend):
         if xp is None and self.name == "array_api_strict":
             import array_api_strict as xp
         return super().from_numpy(a, dtype, xp=xp, device=device)
+
+    def to_numpy(self, x: Any) -> Any:
+        import numpy as np
+
+        if self.name == "array_api_strict":  # DLPack export is refused on its non-default devices
+            xp = array_api_compat.array_namespace(x)
+            x = xp.asarray(x, device=xp.__array_namespace_info__().default_device())
+            if dtype_name(x.dtype) == "bfloat16":
+                x = xp.astype(x, xp.float32)
+            return np.array(np.from_dlpack(x), copy=True)
+        return super().to_numpy(x)

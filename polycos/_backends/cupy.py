@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from polycos._backends._base import Backend, dtype_name
 
 if TYPE_CHECKING:
-    from polycos._validate import Call
+    from polycos._call import Call
 
 __all__ = ["CupyBackend"]
 
@@ -27,6 +27,14 @@ class CupyBackend(Backend):
     @property
     def native(self) -> bool:
         return True
+
+    def usable(self) -> bool:
+        try:
+            import cupy
+
+            return cupy.cuda.runtime.getDeviceCount() > 0
+        except Exception:
+            return False
 
     def quiet(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -22,7 +22,7 @@ from polycos._backends import get
 from polycos._backends._base import Backend, dtype_name
 
 if TYPE_CHECKING:
-    from polycos._validate import Call
+    from polycos._call import Call
 
 __all__ = ["DaskBackend"]
 
@@ -38,6 +38,16 @@ class DaskBackend(Backend):
 
     def quiet(self) -> contextlib.AbstractContextManager:
         return np.errstate(all="ignore")
+
+    def accept(self, xp: Any, arrays: tuple[tuple[str, Any], ...]) -> tuple[Any, ...]:
+        """NumPy's policy for the chunks: masked chunks are rejected (their masks would be ignored)."""
+        for name, x in arrays:
+            if isinstance(getattr(x, "_meta", None), np.ma.MaskedArray):
+                raise TypeError(
+                    f"{name} is a dask array of numpy masked arrays; polycos does not apply masks: pass "
+                    f"{name}.map_blocks(np.ma.filled, value) or the unmasked data explicitly"
+                )
+        return super().accept(xp, arrays)
 
     # dask arrays hold NumPy dtypes (ml_dtypes' bfloat16 too): NumPy's dtype policy.
 
@@ -55,6 +65,12 @@ class DaskBackend(Backend):
 
     def device(self, x: Any) -> Any:
         return "cpu"
+
+    def cast_grad(self, xp: Any, grad: Any, dtype: Any) -> Any:
+        """As the base class, with the cast's chunks run quietly when they are computed (G13)."""
+        if grad.dtype == dtype:
+            return grad
+        return grad.map_blocks(_quiet_astype, dtype=dtype, target=np.dtype(dtype), meta=np.empty((0,) * grad.ndim, dtype=dtype))
 
     def _chunked(self, call: Call) -> tuple[Any, Any] | None:
         """Both inputs broadcast to the full shape with whole rows per chunk, or ``None``."""
@@ -122,9 +138,14 @@ class DaskBackend(Backend):
         return da.from_array(get("numpy").from_numpy(a, dtype), chunks=-1)
 
 
+def _quiet_astype(block: Any, target: Any) -> Any:
+    with np.errstate(all="ignore"):
+        return block.astype(target)
+
+
 def _numpy_call(x1: Any, x2: Any, axis: int, eps: float) -> Any:
     """A validated-by-construction call on one chunk pair (same shape, same dtype)."""
-    from polycos._validate import Call
+    from polycos._call import Call
 
     numpy = get("numpy")
     return Call(numpy, np, x1, x2, tuple(x1.shape), axis, eps, None)

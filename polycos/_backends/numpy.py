@@ -26,7 +26,7 @@ from polycos import _core
 from polycos._backends._base import Backend, dtype_name
 
 if TYPE_CHECKING:
-    from polycos._validate import Call
+    from polycos._call import Call
 
 __all__ = ["NumPyBackend"]
 
@@ -80,27 +80,26 @@ class NumPyBackend(Backend):
 
     def dtype_kind(self, xp: Any, dtype: Any) -> str | None:
         dtype = np.dtype(dtype)
+        if _ml_dtype(dtype):  # kinds "V", "f" or "W": NumPy's own kinds do not describe them
+            if dtype.name == "bfloat16":
+                return "float"
+            return "complex" if "complex" in dtype.name else None
         if dtype.kind == "f":
             return "float"
         if dtype.kind == "c":
             return "complex"
         if dtype.kind in "iub":
             return "integral"
-        if dtype.kind == "V" and dtype.names is None and dtype.name == "bfloat16":
-            return "float"
         return None
 
     def check_dtype(self, xp: Any, name: str, x: Any) -> None:
         dtype = np.dtype(x.dtype)
-        if dtype.kind == "V" and dtype.names is None and type(dtype).__module__.startswith("ml_dtypes") \
-                and dtype.name != "bfloat16":
+        if _ml_dtype(dtype) and self.dtype_kind(xp, dtype) is None:
             raise TypeError(
-                f"{name} has dtype {dtype.name} (ml_dtypes), which polycos does not support; "
-                "cast it to float32 (or bfloat16) first"
+                f"{name} has dtype {dtype.name} (ml_dtypes), which polycos does not support on NumPy "
+                f"arrays (of ml_dtypes' types only bfloat16 is; NumPy's integer, bool and float16/32/64 "
+                f"dtypes are too): cast it first, e.g. {name}.astype(np.float32)"
             )
-        if dtype.kind == "V" and dtype.name != "bfloat16" and dtype.names is None \
-                and not type(dtype).__module__.startswith("ml_dtypes"):
-            raise TypeError(f"{name} has dtype {dtype}, which is not numeric")
         super().check_dtype(xp, name, x)
 
     def default_float(self, xp: Any, like: Any) -> Any:
@@ -180,6 +179,11 @@ class NumPyBackend(Backend):
 
             return np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16)
         return np.array(a, dtype=dtype, copy=True)
+
+
+def _ml_dtype(dtype: Any) -> bool:
+    """A dtype from ``ml_dtypes`` (bfloat16, float8_*, int4, complex32, ...)."""
+    return dtype.names is None and dtype.type.__module__.startswith("ml_dtypes")
 
 
 def _normalize() -> Any:

@@ -39,7 +39,7 @@ from polycos import _core
 from polycos._backends._base import Backend, dtype_name
 
 if TYPE_CHECKING:
-    from polycos._validate import Call
+    from polycos._call import Call
 
 __all__ = ["CosineFunction", "PairwiseFunction", "TorchBackend", "xp"]
 
