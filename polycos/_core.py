@@ -238,6 +238,17 @@ def _has_no_rows(shape: tuple) -> bool:
 
 
 
+def _zeros(xp: Any, shape: tuple, dtype: Any, like: Array) -> Array:
+    """Zeros of ``shape`` on ``like``'s device; an empty ``shape`` made from a 1-d empty array.
+
+    (dask's automatic chunking divides by zero for some empty shapes, e.g. ``(0, 10**6)``.)
+    """
+    shape = tuple(shape)
+    if _has_no_rows(shape):
+        return xp.reshape(xp.zeros((0,), dtype=dtype, device=_device(like)), shape)
+    return xp.zeros(shape, dtype=dtype, device=_device(like))
+
+
 def _device(x: Array) -> Any:
     """``x.device`` (the standard's attribute), else array-api-compat's answer, else ``None``."""
     try:
@@ -276,6 +287,8 @@ def sum_to_shape(xp: Any, x: Array, shape: tuple) -> Array:
     shape = tuple(shape)
     if tuple(x.shape) == shape:
         return x
+    if _has_no_rows(tuple(x.shape)):  # an empty sum: zeros, without a pass over the partner's shape
+        return _zeros(xp, shape, x.dtype, x)
     lead = x.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(
         lead + i for i, d in enumerate(shape) if d == 1 and x.shape[lead + i] != 1
@@ -546,8 +559,8 @@ def forward(
     acc = accumulation_dtype(xp, x1.dtype, x1)
     keep = _keepdims_shape(_broadcast(x1, x2), axis)
     if _has_no_rows(keep):  # nothing to compute, and nothing proportional to a broadcast partner
-        zero = xp.zeros(keep, dtype=acc, device=_device(x1))
-        out = xp.zeros(tuple(d for i, d in enumerate(keep) if i != axis), dtype=x1.dtype, device=_device(x1))
+        zero = _zeros(xp, keep, acc, x1)
+        out = _zeros(xp, tuple(d for i, d in enumerate(keep) if i != axis), x1.dtype, x1)
         return out, Residuals(zero, zero, zero, zero + 1, zero + 1)
     a1, a2 = xp.astype(x1, acc, copy=False), xp.astype(x2, acc, copy=False)
     compensated = is_compensated(x1.dtype, acc)
@@ -653,8 +666,7 @@ def vjp(
     ndim = max(x1.ndim, x2.ndim)
     if _has_no_rows(_keepdims_shape(_broadcast(_expand_to(xp, x1, ndim), _expand_to(xp, x2, ndim)), axis)):
         # No result elements, no terms: zero gradients (made lazily: calloc'd, never touched).
-        return (xp.zeros(shape1, dtype=x1.dtype, device=_device(x1)),
-                xp.zeros(shape2, dtype=x2.dtype, device=_device(x2)))
+        return _zeros(xp, shape1, x1.dtype, x1), _zeros(xp, shape2, x2.dtype, x2)
     if residuals is None:
         _, residuals = forward(
             xp, x1, x2, axis, eps, eager=eager, native_dots=native_dots, branch=branch
@@ -825,7 +837,7 @@ def pairwise_forward(
     *,
     native_product: Product | None = None,
     native_normalize: Normalize | None = None,
-) -> tuple[Array, tuple[RowNorms, RowNorms | None]]:
+) -> tuple[Array, tuple[RowNorms, RowNorms | None] | None]:
     r"""Cosine similarity of every row of ``x1`` with every row of ``x2``.
 
     ``x1`` is ``(..., N, D)``, ``x2`` is ``(..., M, D)`` (``D`` equal or 1;
@@ -842,10 +854,15 @@ def pairwise_forward(
     (:func:`normalize_rows`) and ``S`` is **one matrix product** in the
     accumulation dtype (float64 for float32 inputs: within ulp(1.0) of exact),
     ``O(N M + (N + M) D)`` memory, never ``N M D``. For float64 inputs the
-    product's rounding is the error (see docs/pairwise.md).
+    product's rounding is the error (see docs/pairwise.md). An empty ``S``
+    (``N``, ``M`` or a batch size 0) is returned at once, with residuals
+    ``None``: no row is normalised, however large its partner.
     """
     if x2 is not None:
         x1, x2 = _align_last(xp, x1, x2)
+    shape = _pairwise_shape(x1, x2)
+    if _has_no_rows(shape):  # no pairs: nothing to normalise (a partner may be a huge broadcast view)
+        return _zeros(xp, shape, x1.dtype, x1), None
     normalize = native_normalize or (lambda x, e: normalize_rows(xp, x, e))
     r1 = normalize(x1, eps)
     r2 = None if x2 is None else normalize(x2, eps)
@@ -854,7 +871,17 @@ def pairwise_forward(
     return product(r1.xhat, h2, x1.dtype), (r1, r2)
 
 
-def row_normalize_vjp(xp: Any, r: RowNorms, v: Array, eps: float) -> Array:
+def _pairwise_shape(x1: Array, x2: Array | None) -> tuple:
+    """The shape ``(..., N, M)`` of the similarity matrix (leading sizes compared, never hashed)."""
+    other = x1 if x2 is None else x2
+    lead1, lead2 = tuple(x1.shape[:-2]), tuple(other.shape[:-2])
+    n = max(len(lead1), len(lead2))
+    lead1, lead2 = (1,) * (n - len(lead1)) + lead1, (1,) * (n - len(lead2)) + lead2
+    batch = tuple(b if a == 1 else a for a, b in zip(lead1, lead2, strict=True))
+    return (*batch, x1.shape[-2], other.shape[-2])
+
+
+def row_normalize_vjp(xp: Any, r: RowNorms, v: Array, eps: float, h: Array | None = None) -> Array:
     r"""VJP of :math:`x \mapsto \hat x = x / \max(\lVert x\rVert, \varepsilon)` for cotangent ``v``.
 
     Above ``eps`` the Jacobian is :math:`(I - \hat x \hat x^{\mathsf T}) / \lVert x\rVert`
@@ -866,19 +893,25 @@ def row_normalize_vjp(xp: Any, r: RowNorms, v: Array, eps: float) -> Array:
         \bar x = \frac{v - [n > \varepsilon]\,(\hat x \cdot v)\,\hat x}{c}.
 
     With :math:`v_i = \sum_j g_{ij} \hat x_{2j}`, this is the row-wise VJP summed
-    over the partner rows, as it must be. The result is in the accumulation dtype.
+    over the partner rows, as it must be. Computed in the dtype of ``h``
+    (``r.xhat`` cast by the caller; the accumulation dtype by default), the
+    row scale applied last (G3).
     """
-    h = r.xhat
-    va = xp.astype(v, h.dtype, copy=False)
-    proj = xp.expand_dims(xp.vecdot(h, va, axis=-1), axis=h.ndim - 1)
-    inv = _safe_divide(xp, xp.ones_like(r.cs), r.cs)
-    if r.m is not None:  # cs is in units of m: 1 / c = (1 / cs) / m
-        inv = inv / r.m
-    coef = xp.where(_row_above(xp, r, eps), proj * inv, xp.zeros_like(proj))
-    return va * inv - coef * h
+    h = r.xhat if h is None else h
+    v = xp.astype(v, h.dtype, copy=False)
+    proj = xp.expand_dims(xp.vecdot(h, v, axis=-1), axis=h.ndim - 1)
+    proj = xp.where(_row_above(xp, r, eps), proj, xp.zeros_like(proj))
+    inv = xp.astype(_safe_divide(xp, xp.ones_like(r.cs), r.cs), h.dtype, copy=False)  # 1 / c in units of m
+    d = (v - proj * h) * inv
+    return d if r.m is None else d / xp.astype(r.m, h.dtype, copy=False)
 
 
 MatMul = Callable[[Array, Array], Array]
+
+
+def product_dtype(xp: Any, dtype: Any) -> Any:
+    """The dtype of the pairwise VJP's matrix products: float32 up to float32, else the input's."""
+    return xp.float32 if _dtype_name(dtype) in ("float16", "bfloat16", "float32") else dtype
 
 
 def pairwise_vjp(
@@ -898,8 +931,12 @@ def pairwise_vjp(
         \bar{\hat X}_1 = G \hat X_2, \qquad \bar{\hat X}_2 = G^{\mathsf T} \hat X_1
         \quad(\text{self-similarity: } (G + G^{\mathsf T}) \hat X),
 
-    summed over broadcast leading dimensions, then :func:`row_normalize_vjp`;
-    all in the accumulation dtype. ``g`` has ``S``'s shape. Returns
+    summed over broadcast leading dimensions, then :func:`row_normalize_vjp`.
+    The products and the normalisation's VJP run in the *product dtype*
+    (:func:`product_dtype`: float32 for float32 and narrower inputs): the
+    gradient carries no 1-ulp promise, and float32 products keep a forward
+    plus backward within 1.5x of a plain normalise-then-multiply (the float64
+    product of the forward is what G2 needs). ``g`` has ``S``'s shape. Returns
     ``(dx1, dx2)`` with the shapes and dtype of the inputs (``dx2 = None``
     when ``x2`` is ``None``). Memory ``O(N M + (N + M) D)``.
     """
@@ -907,26 +944,28 @@ def pairwise_vjp(
     shape2 = None if x2 is None else tuple(x2.shape)
     if x2 is not None:
         x1, x2 = _align_last(xp, x1, x2)
+    if _has_no_rows(tuple(g.shape)) or _has_no_rows(_pairwise_shape(x1, x2)):
+        # No pairs at all: zero gradients (even for NaN rows), nothing normalised.
+        z1 = _zeros(xp, shape1, x1.dtype, x1)
+        return z1, None if x2 is None else _zeros(xp, shape2, x2.dtype, x2)  # type: ignore[arg-type]
     if residuals is None:
         normalize = native_normalize or (lambda x, e: normalize_rows(xp, x, e))
         residuals = (normalize(x1, eps), None if x2 is None else normalize(x2, eps))
     r1, r2 = residuals
-    if 0 in tuple(g.shape):  # no pairs at all: zero gradients (even for NaN rows)
-        z1 = xp.zeros(shape1, dtype=x1.dtype, device=_device(x1))
-        return z1, None if x2 is None else xp.zeros(shape2, dtype=x2.dtype, device=_device(x2))
-    h1 = r1.xhat
-    gw = xp.astype(g, h1.dtype, copy=False)
+    work = product_dtype(xp, x1.dtype)
+    h1 = xp.astype(r1.xhat, work, copy=False)
+    gw = xp.astype(g, work, copy=False)
     if r2 is None:
         # Two products rather than (G + G^T) h1: adding a transposed N x M matrix
         # is cache-hostile and costs about as much as a product.
         v = xp.matmul(gw, h1) + xp.matmul(xp.matrix_transpose(gw), h1)
-        d1 = row_normalize_vjp(xp, r1, sum_to_shape(xp, v, tuple(h1.shape)), eps)
+        d1 = row_normalize_vjp(xp, r1, sum_to_shape(xp, v, tuple(h1.shape)), eps, h1)
         return xp.astype(sum_to_shape(xp, d1, shape1), x1.dtype, copy=False), None
-    h2 = r2.xhat
+    h2 = xp.astype(r2.xhat, work, copy=False)
     v1 = sum_to_shape(xp, xp.matmul(gw, h2), tuple(h1.shape))
     v2 = sum_to_shape(xp, xp.matmul(xp.matrix_transpose(gw), h1), tuple(h2.shape))
-    d1 = row_normalize_vjp(xp, r1, v1, eps)
-    d2 = row_normalize_vjp(xp, r2, v2, eps)
+    d1 = row_normalize_vjp(xp, r1, v1, eps, h1)
+    d2 = row_normalize_vjp(xp, r2, v2, eps, h2)
     return (
         xp.astype(sum_to_shape(xp, d1, shape1), x1.dtype, copy=False),
         xp.astype(sum_to_shape(xp, d2, shape2), x2.dtype, copy=False),  # type: ignore[union-attr, arg-type]

@@ -363,53 +363,82 @@ class CosineFunction(_Cosine):
 def _pairwise_normalize(x: torch.Tensor, eps: float) -> _core.RowNorms:
     if kernel_ok(x) and not torch.is_grad_enabled():
         xhat, stats = torch.ops.polycos.normalize_rows(x, eps)
-    else:
-        xhat, stats = core_normalize(x, eps)
-    acc = xhat.dtype
-    # narrow, not indexing: Python indexing needs a device guard, which fake CUDA
-    # tensors lack on CPU-only builds (and narrow is what indexing lowers to).
-    m = stats.narrow(-1, 2, 1) if _core.is_rescaled(x.dtype, acc) else None
-    return _core.RowNorms(xhat, stats.narrow(-1, 0, 1), stats.narrow(-1, 1, 1), m)
+        return _row_norms(x, xhat, stats)
+    return _core.normalize_rows(xp, x, eps)
+
+
+def _product(h1: torch.Tensor, h2: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`polycos._core.pairwise_product` in two passes: one matmul, one cast-and-clamp.
+
+    (The core's portable clamp, two ``where`` over fresh ``N x M`` arrays, cost four
+    times the product here; ``clamp`` keeps NaN.)
+    """
+    s = torch.matmul(h1, (h1 if h2 is None else h2).transpose(-1, -2)).to(dtype)
+    return s.clamp_(-1.0, 1.0) if kernel_ok(s) else s.clamp(-1.0, 1.0)
 
 
 class _Pairwise(torch.autograd.Function):
-    """The similarity matrix :func:`polycos._core.pairwise_forward` and its VJP (``x2=None``: self)."""
+    """The similarity matrix :func:`polycos._core.pairwise_forward` and its VJP (``x2=None``: self).
+
+    Returns ``(S, xhat1, stats1, xhat2, stats2)``: the matrix and the normalised
+    rows with their ``(cs, ns, m)`` (non-differentiable; for self-similarity the
+    second pair repeats the first), which backward reuses unless it is itself
+    differentiated: then the rows are normalised again, differentiably.
+    """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         with _no_autocast(x1):
-            return _core.pairwise_forward(
-                xp, x1, x2, eps, native_normalize=_pairwise_normalize
-            )[0]
+            s, (r1, r2) = _core.pairwise_forward(
+                xp, x1, x2, eps, native_normalize=_pairwise_normalize, native_product=_product
+            )
+        r2 = r1 if r2 is None else r2
+        return s, r1.xhat, _stats(r1), r2.xhat, _stats(r2)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x1, x2, eps = inputs
+        _, h1, st1, h2, st2 = output
+        ctx.mark_non_differentiable(h1, st1, h2, st2)
         ctx.eps = eps
-        ctx.save_for_backward(x1, x2)
+        ctx.save_for_backward(x1, x2, h1, st1, h2, st2)
         ctx.save_for_forward(x1, x2)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # type: ignore[override]
-        # The row norms are recomputed (O((N + M) D), small beside the two products),
-        # differentiably when the backward is itself differentiated.
-        x1, x2 = ctx.saved_tensors
+    def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:  # type: ignore[override]
+        x1, x2, h1, st1, h2, st2 = ctx.saved_tensors
+        residuals = None
+        if not torch.is_grad_enabled():  # else: normalise again, differentiably (double backward)
+            r1 = _row_norms(x1, h1, st1)
+            residuals = (r1, None if x2 is None else _row_norms(x2, h2, st2))
         with _no_autocast(x1):
-            d1, d2 = _core.pairwise_vjp(xp, g, x1, x2, ctx.eps, native_normalize=_pairwise_normalize)
+            d1, d2 = _core.pairwise_vjp(
+                xp, g, x1, x2, ctx.eps, residuals, native_normalize=_pairwise_normalize
+            )
         need1, need2 = ctx.needs_input_grad[:2]
         return (d1 if need1 else None), (d2 if need2 else None), None
+
+
+def _stats(r: _core.RowNorms) -> torch.Tensor:
+    m = torch.ones_like(r.cs) if r.m is None else r.m
+    return torch.cat([r.cs, r.ns, m], dim=-1)
+
+
+def _row_norms(x: torch.Tensor, xhat: torch.Tensor, stats: torch.Tensor) -> _core.RowNorms:
+    m = stats.narrow(-1, 2, 1) if _core.is_rescaled(x.dtype, xhat.dtype) else None
+    return _core.RowNorms(xhat, stats.narrow(-1, 0, 1), stats.narrow(-1, 1, 1), m)
 
 
 class PairwiseFunction(_Pairwise):
     """:class:`_Pairwise` with forward mode (:func:`polycos._core.pairwise_jvp`)."""
 
     @staticmethod
-    def jvp(ctx: Any, t1: Any, t2: Any, *_: Any) -> torch.Tensor:  # type: ignore[override]
+    def jvp(ctx: Any, t1: Any, t2: Any, *_: Any) -> tuple:  # type: ignore[override]
         x1, x2 = ctx.saved_tensors
         with _no_autocast(x1):
-            return _core.pairwise_jvp(xp, t1, t2, x1, x2, ctx.eps)
+            return _core.pairwise_jvp(xp, t1, t2, x1, x2, ctx.eps), None, None, None, None
 
 
 def _compiling() -> bool:
@@ -427,7 +456,7 @@ def apply_cosine(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> t
 
 def apply_pairwise(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> torch.Tensor:
     fn = _Pairwise if _compiling() else PairwiseFunction
-    return fn.apply(x1, x2, eps)
+    return fn.apply(x1, x2, eps)[0]
 
 
 # --------------------------------------------------------------------------- the backend
