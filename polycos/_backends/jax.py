@@ -315,4 +315,6 @@ class JaxBackend(Backend):
 
     def from_numpy(self, a: Any, dtype: str | None = None, *, xp: Any = None, device: Any = None) -> Any:
         dtype = dtype or a.dtype.name
+        if dtype == "float64" and not jax.config.jax_enable_x64:
+            dtype = "float32"  # what JAX makes of float64 without x64 (quietly, here)
         return jnp.asarray(a, dtype=getattr(jnp, dtype))

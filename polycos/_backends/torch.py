@@ -74,6 +74,7 @@ def _namespace() -> types.ModuleType:
     # The legacy vmap of gradcheck's batched checks has rules for these, not for
     # aten::broadcast_to and aten::swapaxes.
     ns.broadcast_to = lambda x, /, shape: x.expand(tuple(shape))
+    ns.unstack = lambda x, /, *, axis=0: torch.unbind(x, dim=axis)  # compat's calls aten::moveaxis
     ns.matrix_transpose = lambda x, /: torch.transpose(x, -1, -2)
     return ns
 
