@@ -46,7 +46,6 @@ class BackendInfo:
     def grad_of(self, fn: Callable[..., Any], x1: Any, x2: Any) -> tuple[Any, Any] | None:
         """``d sum(fn(x1, x2)) / d(x1, x2)`` through the library's autodiff, or ``None``."""
         if self.name == "torch":
-            import torch
 
             a = x1.detach().clone().requires_grad_(True)
             b = x2.detach().clone().requires_grad_(True)

@@ -104,7 +104,8 @@ def test_registry_entries_are_backends_with_predicates() -> None:
         assert entry.owns(object()) is False
     for name in _backends.installed():
         backend = _backends.get(name)
-        assert isinstance(backend, Backend) and backend.name == name
+        assert isinstance(backend, Backend)
+        assert backend.name == name
         assert _backends.get(name) is backend  # one instance per process
 
 

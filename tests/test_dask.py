@@ -38,7 +38,8 @@ def test_rowwise_is_lazy_and_chunkwise() -> None:
     g1, g2 = polycos.cosine_similarity_vjp(da.ones(40, chunks=10), x, y)
     q = polycos.cosine_similarity(x, da.from_array(b[0]), dim=1)  # a broadcast query: no copy of it per row
     assert touched == [], "polycos computed a dask array eagerly"
-    assert isinstance(s, da.Array) and isinstance(g1, da.Array)
+    assert isinstance(s, da.Array)
+    assert isinstance(g1, da.Array)
     assert s.numblocks == (4,)
     with dask.config.set(scheduler="threads"):
         s_np, g1_np, g2_np, q_np = dask.compute(s, g1, g2, q)

@@ -24,7 +24,6 @@ from polycos.testing import (
     cosine_inputs,
     exact_reference,
     reference,
-    reference_vjp,
     to_numpy,
 )
 

@@ -55,7 +55,8 @@ def test_cpu_kernel_is_called_inside_jit() -> None:
         pytest.skip("the CPU kernel is not built here: JAX runs the core in jax.numpy")
     x = jnp.ones((8, 16))
     hlo = jax.jit(lambda a: pj.cosine_similarity(a, a[::-1])).lower(x).as_text()
-    assert "custom_call" in hlo and "polycos" in hlo
+    assert "custom_call" in hlo
+    assert "polycos" in hlo
     # reverse mode is the transposed tangent rule: plain XLA, no host callback
     hlo = jax.jit(jax.grad(lambda a: pj.cosine_similarity(a, a[::-1]).sum())).lower(x).as_text()
     assert "callback" not in hlo
