@@ -74,15 +74,16 @@ row's output element and gradient only (G6).
 
 Mirrors (places that restate this module; each is tested against it)
 --------------------------------------------------------------------
-* ``polycos/_kernels/rows.h``: steps 1-4 for one row (``finish``,
-  ``coefficients``, the gradient element, the pairwise row normalisation),
+* ``polycos/_kernels/rows.h``: steps 1-4 for one row (``row_scale``,
+  ``finish``, ``grad_coefficients``, ``grad_element``, the pairwise row
+  normalisation) and the rescue's thresholds (``Lim``),
   compiled into ``polycos/_kernels/cpu.cpp`` (NumPy, dask chunks, torch CPU,
   JAX CPU through ``jax.ffi``) and ``polycos/_kernels/cuda.cu`` (CuPy, torch
   CUDA). The sums are the same sums evaluated in another order; :func:`finish`
   and :func:`grad_elementwise` are reproduced bit for bit
   (``tests/test_kernels_cpu.py``, ``tests/test_cupy_kernels.py``).
-* ``polycos/cupy/_launch.py``: the accumulation dtypes and the thresholds of
-  :func:`_suspect` passed to the CUDA kernels (``tests/test_cupy_kernels.py``).
+* ``polycos/cupy/_launch.py``: the accumulation dtypes per storage dtype for
+  the CUDA launches (``tests/test_cupy_kernels.py``).
 * ``polycos/_backends/jax.py``: :func:`dots` as one XLA variadic reduce (and
   its compensated variant) for JAX arrays without the CPU kernel
   (``tests/test_backends_specific.py``).
@@ -121,8 +122,9 @@ Array = Any
 #: faster evaluation of :func:`dots` on inputs already in the accumulation dtype.
 Dots = Callable[[Array, Array, int, bool], "tuple[Array, ...]"]
 #: ``scale(a, axis) -> (a / m, m)``: the range rescue's row scaling, ``m`` about
-#: ``max|a|`` (1 for zero or non-finite rows); a backend whose division is not
-#: IEEE (XLA on CPU multiplies by a flushed reciprocal) scales by powers of two.
+#: ``max|a|`` (:func:`_row_scale`); a backend whose division is not IEEE (XLA on
+#: CPU multiplies by a flushed reciprocal) scales by powers of two. Called with
+#: ``eps`` bound: ``scale_for(eps)`` where a factory is needed.
 Scale = Callable[[Array, int], "tuple[Array, Array]"]
 #: ``branch(pred, then_fn, else_fn)``: value-dependent control flow that a tracer
 #: can compile (e.g. ``jax.lax.cond``); ``pred`` is a 0-d boolean array.
@@ -263,20 +265,31 @@ def _device(x: Array) -> Any:
         return None
 
 
-def _row_scale(xp: Any, a: Array, axis: int) -> Array:
-    """``m = max|a|`` along ``axis`` (keepdims); ``1`` for all-zero, empty or non-finite rows."""
+def _row_scale(xp: Any, a: Array, axis: int, eps: float) -> Array:
+    """The rescue's row scale ``m`` along ``axis`` (keepdims), in ``a``'s dtype.
+
+    ``m = max(max|a|, tiny, eps / hi)`` for rows whose ``max|a|`` is positive and
+    finite, else 1 (``tiny`` the smallest normal number, ``hi`` the top of
+    :func:`_suspect`'s range). The floor keeps ``1 / m`` and ``eps / m`` finite:
+    a row of subnormal numbers far below ``eps`` still has ``c = eps``
+    representable in units of ``m`` (``eps / m`` would overflow otherwise and
+    the gradient would vanish).
+    """
     if a.shape[axis] == 0:
         return xp.ones_like(xp.sum(a, axis=axis, keepdims=True))  # *_like: subclasses (DTensor) too
     m = xp.max(xp.abs(a), axis=axis, keepdims=True)
     ok = (m > 0) & (m < float("inf"))
-    return xp.where(ok, m, xp.ones_like(m))
+    info = xp.finfo(a.dtype)
+    by_eps = xp.full_like(m, eps) / (float(info.max) ** 0.5 / 4)  # in a's dtype, as the kernels compute it
+    floor = xp.maximum(by_eps, xp.full_like(m, float(info.smallest_normal)))
+    return xp.where(ok, xp.maximum(m, floor), xp.ones_like(m))
 
 
-def _divide_by_row_max(xp: Any) -> Scale:
-    """The default :data:`Scale`: ``(a / m, m)`` with ``m = max|a|`` (:func:`_row_scale`)."""
+def _divide_by_row_max(xp: Any, eps: float) -> Scale:
+    """The default :data:`Scale`: ``(a / m, m)`` with ``m`` about ``max|a|`` (:func:`_row_scale`)."""
 
     def scale(a: Array, axis: int) -> tuple[Array, Array]:
-        m = _row_scale(xp, a, axis)
+        m = _row_scale(xp, a, axis, eps)
         return a / m, m
 
     return scale
@@ -406,6 +419,7 @@ def _row_sums(
     native_dots: Dots | None,
     branch: Branch | None,
     scale: Scale | None,
+    eps: float,
 ) -> tuple[Array, ...]:
     """Steps 1 and 2: ``(w12, w11, w22, l12, l11, l22, m1, m2)`` in the accumulation dtype."""
 
@@ -422,8 +436,8 @@ def _row_sums(
         return (*ws, one, one)
 
     def scaled() -> tuple[Array, ...]:
-        b1, m1 = (scale or _divide_by_row_max(xp))(a1, axis)
-        b2, m2 = (scale or _divide_by_row_max(xp))(a2, axis)
+        b1, m1 = (scale or _divide_by_row_max(xp, eps))(a1, axis)
+        b2, m2 = (scale or _divide_by_row_max(xp, eps))(a2, axis)
         return (*sums(b1, b2), m1, m2)
 
     def rescued(parts: tuple) -> tuple[Array, ...]:
@@ -566,7 +580,7 @@ def forward(
     compensated = is_compensated(x1.dtype, acc)
     parts = _row_sums(
         xp, a1, a2, axis, rescaled=is_rescaled(x1.dtype, acc), compensated=compensated,
-        eager=eager, native_dots=native_dots, branch=branch, scale=scale,
+        eager=eager, native_dots=native_dots, branch=branch, scale=scale, eps=eps,
     )
     res = finish(xp, *parts, eps, compensated=compensated)
     out = xp.astype(xp.squeeze(res.s, axis=axis), x1.dtype, copy=False)
@@ -789,7 +803,7 @@ def normalize_rows(xp: Any, x: Array, eps: float, *, scale: Scale | None = None)
     a = xp.astype(x, acc, copy=False)
     m = None
     if is_rescaled(x.dtype, acc):
-        a, m = (scale or _divide_by_row_max(xp))(a, axis)
+        a, m = (scale or _divide_by_row_max(xp, eps))(a, axis)
     if is_compensated(x.dtype, acc):
         hi, lo = accurate_dot(xp, a, a, axis)
         root = xp.sqrt(hi)
@@ -837,7 +851,7 @@ def pairwise_forward(
     *,
     native_product: Product | None = None,
     native_normalize: Normalize | None = None,
-) -> tuple[Array, tuple[RowNorms, RowNorms | None] | None]:
+) -> tuple[Array, tuple[RowNorms, RowNorms | None]]:
     r"""Cosine similarity of every row of ``x1`` with every row of ``x2``.
 
     ``x1`` is ``(..., N, D)``, ``x2`` is ``(..., M, D)`` (``D`` equal or 1;
@@ -855,20 +869,32 @@ def pairwise_forward(
     accumulation dtype (float64 for float32 inputs: within ulp(1.0) of exact),
     ``O(N M + (N + M) D)`` memory, never ``N M D``. For float64 inputs the
     product's rounding is the error (see docs/pairwise.md). An empty ``S``
-    (``N``, ``M`` or a batch size 0) is returned at once, with residuals
-    ``None``: no row is normalised, however large its partner.
+    (``N``, ``M`` or a batch size 0) is returned at once: no row is
+    normalised, however large its partner, and the residuals are stride-0
+    placeholders of the right shapes (the VJP of an empty ``S`` reads none).
     """
     if x2 is not None:
         x1, x2 = _align_last(xp, x1, x2)
     shape = _pairwise_shape(x1, x2)
     if _has_no_rows(shape):  # no pairs: nothing to normalise (a partner may be a huge broadcast view)
-        return _zeros(xp, shape, x1.dtype, x1), None
+        r2 = None if x2 is None else _placeholder_rows(xp, x2)
+        return _zeros(xp, shape, x1.dtype, x1), (_placeholder_rows(xp, x1), r2)
     normalize = native_normalize or (lambda x, e: normalize_rows(xp, x, e))
     r1 = normalize(x1, eps)
     r2 = None if x2 is None else normalize(x2, eps)
     h2 = None if r2 is None else r2.xhat
     product = native_product or (lambda a, b, dt: pairwise_product(xp, a, b, dt))
     return product(r1.xhat, h2, x1.dtype), (r1, r2)
+
+
+def _placeholder_rows(xp: Any, x: Array) -> RowNorms:
+    """:class:`RowNorms` of ``x``'s shapes and accumulation dtype as stride-0 zeros (ones for ``m``): no memory."""
+    acc = accumulation_dtype(xp, x.dtype, x)
+    unit = (1,) * x.ndim
+    rows = (*tuple(x.shape[:-1]), 1)
+    zero = _zeros(xp, unit, acc, x)
+    m = xp.broadcast_to(zero + 1, rows) if is_rescaled(x.dtype, acc) else None
+    return RowNorms(xp.broadcast_to(zero, tuple(x.shape)), xp.broadcast_to(zero, rows), xp.broadcast_to(zero, rows), m)
 
 
 def _pairwise_shape(x1: Array, x2: Array | None) -> tuple:

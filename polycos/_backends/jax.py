@@ -104,16 +104,21 @@ def _two_sums(u: tuple, v: tuple) -> tuple:
     return tuple(out)
 
 
-def _pow2_scale(a: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """The core's row scaling by a power of two ``m <= max|a| < 2m`` (:data:`polycos._core.Scale`).
+def _pow2_scale(eps: float) -> Any:
+    """The core's row scaling by a power of two near its ``m`` (:data:`polycos._core.Scale`).
 
     XLA on CPU divides by multiplying with the reciprocal, and ``1 / max``
     near the top of the range is subnormal, which XLA flushes to zero: ``x / m``
-    would be 0. ``ldexp`` scales exactly.
+    would be 0. ``ldexp`` by the exponent of :func:`polycos._core._row_scale`'s
+    ``m`` scales exactly instead.
     """
-    m = _core._row_scale(xp, a, axis)
-    _, e = jnp.frexp(m)
-    return jnp.ldexp(a, 1 - e), jnp.ldexp(jnp.ones_like(m), e - 1)
+
+    def scale(a: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+        m = _core._row_scale(xp, a, axis, eps)
+        _, e = jnp.frexp(m)
+        return jnp.ldexp(a, 1 - e), jnp.ldexp(jnp.ones_like(m), e - 1)
+
+    return scale
 
 
 def _branch(pred: jax.Array, then_fn: Any, else_fn: Any) -> Any:
@@ -132,7 +137,7 @@ def _kernels() -> Any:
 
 
 def _core_primal(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
-    out, res = _core.forward(xp, x1, x2, axis, eps, native_dots=_dots, branch=_branch, scale=_pow2_scale)
+    out, res = _core.forward(xp, x1, x2, axis, eps, native_dots=_dots, branch=_branch, scale=_pow2_scale(eps))
     return out, _core.pack_residuals(xp, res, axis)
 
 
@@ -230,7 +235,7 @@ def pairwise_vjp(g: jax.Array, x1: jax.Array, x2: jax.Array | None, eps: float) 
 
 
 def _normalize(x: jax.Array, eps: float) -> _core.RowNorms:
-    return _core.normalize_rows(xp, x, eps, scale=_pow2_scale)
+    return _core.normalize_rows(xp, x, eps, scale=_pow2_scale(eps))
 
 
 pairwise.defvjp(_pairwise_fwd, _pairwise_bwd)

@@ -1,7 +1,9 @@
 r"""CuPy backend: cosine similarity and its VJP as hand-written CUDA kernels.
 
-The formulas are those of :mod:`polycos._core`, restated in ``kernels.cu``
-(one fused pass per row for the forward, one for the VJP; see
+The formulas are those of :mod:`polycos._core`, restated in
+``polycos/_kernels/rows.h`` (shared with the CPU kernel) and run by the kernels
+of ``polycos/_kernels/cuda.cu`` (one fused pass per row for the forward, one
+for the VJP; see
 ``docs/backends/cupy.md``). This module holds only the glue: argument checks
 (shared with every backend), the strided layout and launch configuration
 (:mod:`polycos.cupy._launch`, pure Python), and the lazily compiled
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+from pathlib import Path
 from typing import Any
 
 from polycos import _core
@@ -43,13 +46,21 @@ def _cupy() -> Any:
     return cupy
 
 
+def kernel_source() -> tuple[str, str]:
+    """``(code, include_dir)``: ``cuda.cu`` and the directory holding it and ``rows.h``."""
+    src = importlib.resources.files("polycos._kernels") / "cuda.cu"
+    return src.read_text(encoding="utf-8"), str(Path(str(src)).parent)
+
+
 @functools.cache
 def _module(device_id: int) -> Any:
     """The compiled kernels for one device (NVRTC, on first use)."""
     cupy = _cupy()
-    code = (importlib.resources.files("polycos.cupy") / "kernels.cu").read_text(encoding="utf-8")
+    code, include = kernel_source()
     module = cupy.RawModule(
-        code=code, options=OPTIONS, name_expressions=list(_launch.all_name_expressions())
+        code=code,
+        options=(*OPTIONS, f"-I{include}"),
+        name_expressions=list(_launch.all_name_expressions()),
     )
     module.compile()
     return module
@@ -128,13 +139,12 @@ def forward(call: Call) -> Any:
     group = _launch.choose_group(lay.length, lay.rows, lay.axis_strides[:2], lay.inner_strides[:2])
     grid, block = _launch.launch_config(lay.rows, group)
     if grid:
-        lo, hi = _launch.range_limits(_launch.accumulation_dtype(dtype))
         a, b, o = lay.batch_strides
         _kernel(_launch.forward_name(dtype, group))(
             (grid,), (block,),
             (x1, x2, out, out, _np().int32(0),
              *_i64((lay.rows, lay.length, *lay.axis_strides[:2], *lay.sizes[1:], *a, *b, *o)),
-             *_f64((call.eps, lo, hi))),
+             *_f64((call.eps,))),
         )
     return out.reshape(()) if not call.shape else out
 
@@ -153,8 +163,8 @@ def vjp(grad: Any, call: Call) -> tuple[Any, Any]:
     shape1, shape2 = tuple(call.x1.shape), tuple(call.x2.shape)
     reduce1 = (1,) * (len(shape) - len(x1.shape)) + tuple(x1.shape) != shape
     reduce2 = (1,) * (len(shape) - len(x2.shape)) + tuple(x2.shape) != shape
-    # Gradients summed over broadcast rows are written in the work dtype first (as the core).
-    out_dtype = _launch.work_dtype(dtype) if (reduce1 or reduce2) else dtype
+    # Gradients summed over broadcast rows are written in the accumulation dtype first (as the core).
+    out_dtype = _launch.accumulation_dtype(dtype) if (reduce1 or reduce2) else dtype
     d1 = cupy.empty(shape, dtype=out_dtype)
     d2 = cupy.empty(shape, dtype=out_dtype)
     d_full = _launch.c_strides(shape)
@@ -162,14 +172,13 @@ def vjp(grad: Any, call: Call) -> tuple[Any, Any]:
     group = _launch.choose_group(lay.length, lay.rows, lay.axis_strides[:2], lay.inner_strides[:2])
     grid, block = _launch.launch_config(lay.rows, group)
     if grid:
-        lo, hi = _launch.range_limits(_launch.accumulation_dtype(dtype))
         a, b, c, d = lay.batch_strides
         _kernel(_launch.backward_name(dtype, out_dtype, group))(
             (grid,), (block,),
             (x1, x2, grad, d1, _np().int32(0), d1, d2,
              *_i64((lay.rows, lay.length, *lay.axis_strides[:2], lay.axis_strides[3],
                     *lay.sizes[1:], *a, *b, *c, *d)),
-             *_f64((call.eps, lo, hi))),
+             *_f64((call.eps,))),
         )
     g1 = _core.sum_to_shape(cupy, d1, shape1 or (1,)) if reduce1 else d1
     g2 = _core.sum_to_shape(cupy, d2, shape2 or (1,)) if reduce2 else d2

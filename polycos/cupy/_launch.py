@@ -1,12 +1,13 @@
 """Host-side launch logic for the CUDA kernels, in pure Python (no GPU, no CuPy).
 
-Everything that decides *how* ``kernels.cu`` runs is here, so it can be tested
-without a GPU: reducing a broadcast shape and the operands' strides to rows of
-a strided layout (:func:`reduce_layout`), the number of threads per row
-(:func:`choose_group`), grid and block sizes (:func:`launch_config`), the
-template instantiation for a dtype (:func:`forward_name`,
-:func:`backward_name`), and the range limits of the per-row rescaling
-(:func:`range_limits`, the constants of ``polycos._core._out_of_range``).
+Everything that decides *how* ``polycos/_kernels/cuda.cu`` runs is here, so it
+can be tested without a GPU: reducing a broadcast shape and the operands'
+strides to rows of a strided layout (:func:`reduce_layout`), the number of
+threads per row (:func:`choose_group`), grid and block sizes
+(:func:`launch_config`), the template instantiation for a dtype
+(:func:`forward_name`, :func:`backward_name`), and the range limits of the
+per-row rescaling (:func:`range_limits`: the constants of
+``polycos._core._suspect``, compiled into ``rows.h``; tested equal there).
 
 Layout model. The inputs broadcast to ``shape``; ``axis`` holds the vectors.
 Every operand (``x1``, ``x2``, the upstream gradient, the outputs) is described
@@ -92,9 +93,8 @@ def accumulation_dtype(dtype: str) -> str:
 
 
 def work_dtype(dtype: str) -> str:
-    """Dtype of the gradient's elementwise pass (as ``polycos._core.work_dtype``)."""
-    _check_dtype(dtype)
-    return "float32" if dtype in ("float16", "bfloat16") else dtype
+    """Dtype of the gradient's elementwise pass: the accumulation dtype (as ``polycos._core``)."""
+    return accumulation_dtype(dtype)
 
 
 def _check_dtype(dtype: str) -> None:
@@ -129,8 +129,8 @@ def forward_name(dtype: str, group: int) -> str:
 def backward_name(dtype: str, out_dtype: str, group: int) -> str:
     """The backward kernel reading ``dtype`` and writing gradients of ``out_dtype``.
 
-    ``out_dtype`` is ``dtype``, or the work dtype (float32) for half precision
-    gradients that are summed over broadcast rows afterwards.
+    ``out_dtype`` is ``dtype``, or the accumulation dtype for gradients that
+    are summed over broadcast rows afterwards.
     """
     _check_dtype(dtype)
     _check_group(group)

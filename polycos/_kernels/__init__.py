@@ -1,0 +1,804 @@
+r"""The fused native CPU kernel: loader and wrappers (ctypes; no torch, JAX or CuPy import).
+
+``cpu.cpp`` is compiled by ``pip install`` (``setup.py``) into a plain shared
+library next to this file, ``_polycos_cpu.so``. It computes cosine similarity,
+its VJP and the pairwise row normalisation in one pass over each row (two for
+the VJP), mirroring :mod:`polycos._core` operation by operation through the
+per-row functions of ``rows.h`` (which the CUDA kernels in ``cuda.cu`` share).
+See ``docs/kernels.md`` for the layouts, threads, ISA dispatch and figures.
+
+Three levels:
+
+* :func:`available` / :func:`unavailable_reason`: the library may be missing
+  (no compiler at install time); this module then still imports and polycos
+  falls back to its array-API core.
+* NumPy: :func:`forward`, :func:`backward`, :func:`normalize_rows` take NumPy
+  arrays (float16, ``ml_dtypes.bfloat16``, float32, float64; any strides,
+  broadcasting) and return new NumPy arrays.
+* Pointers (for the torch adapter, which owns its tensors): :func:`forward_ptr`,
+  :func:`backward_ptr`, :func:`normalize_rows_ptr` take ``Operand = (ptr,
+  shape, strides_in_elements)`` tuples and write into given outputs.
+* JAX: :func:`register_jax` and :func:`jax_forward`, :func:`jax_backward`,
+  :func:`jax_normalize_rows` call the XLA FFI handlers of the same library
+  (``jax.ffi.ffi_call``), inside ``jax.jit`` and ``jax.vmap``.
+
+Environment variables (read per call unless said):
+
+* ``POLYCOS_NUM_THREADS``: threads when ``nthreads`` is ``None`` (default: the
+  CPUs this process may run on).
+* ``POLYCOS_CPU_ISA``: ``baseline`` or ``avx2`` forces an instruction-set clone
+  (read at load; default: the best this CPU supports). Results are bitwise
+  identical across clones; this exists to test that.
+* ``POLYCOS_CPU_LIBRARY``: path of a library to load instead of the bundled one.
+* ``POLYCOS_CPU_KERNEL=0``: do not load the library (polycos uses its core).
+
+>>> from polycos import _kernels
+>>> isinstance(_kernels.available(), bool)
+True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "NeedContiguous",
+    "Operand",
+    "available",
+    "backward",
+    "backward_ptr",
+    "forward",
+    "forward_ptr",
+    "isa",
+    "jax_backward",
+    "jax_forward",
+    "jax_normalize_rows",
+    "normalize_rows",
+    "normalize_rows_ptr",
+    "num_threads",
+    "register_jax",
+    "unavailable_reason",
+]
+
+#: ``(pointer, shape, strides in elements)`` of one array.
+Operand = tuple[int, Sequence[int], Sequence[int]]
+
+#: Dtype codes of the C ABI.
+DTYPE_CODES: dict[str, int] = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
+#: Default accumulation dtype per storage dtype (``_core.accumulation_dtype``).
+DEFAULT_ACC: dict[str, str] = {
+    "float16": "float32",
+    "bfloat16": "float32",
+    "float32": "float64",
+    "float64": "float64",
+}
+#: Supported (storage, accumulation) pairs; float32/float32 serves JAX without x64.
+PAIRS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("float16", "float32"),
+        ("bfloat16", "float32"),
+        ("float32", "float64"),
+        ("float32", "float32"),
+        ("float64", "float64"),
+    }
+)
+ISAS: dict[str, int] = {"baseline": 0, "avx2": 1}
+
+_NEED_CONTIGUOUS = 1
+_LIB_STEM = "_polycos_cpu"
+
+
+class NeedContiguous(ValueError):
+    """The operands' layout keeps too many unmergeable batch dimensions: pass contiguous copies."""
+
+
+class KernelError(RuntimeError):
+    """The kernel rejected a call (a bug in the caller: shapes and dtypes are checked before)."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _library_path() -> Path:
+    override = os.environ.get("POLYCOS_CPU_LIBRARY")
+    if override:
+        return Path(override)
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    return Path(__file__).with_name(_LIB_STEM + suffix)
+
+
+_i64p = ctypes.POINTER(ctypes.c_int64)
+_vp, _int, _dbl = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "polycos_abi_version": (_int, []),
+    "polycos_forward": (
+        _int,
+        [_int, _int, _vp, _int, _i64p, _i64p, _vp, _int, _i64p, _i64p, _int, _vp, _i64p, _vp, _dbl, _int],
+    ),
+    "polycos_backward": (
+        _int,
+        [_int, _int, _int, _vp, _int, _i64p, _i64p, _vp, _int, _i64p, _i64p, _int,
+         _int, _vp, _int, _i64p, _i64p, _vp, _vp, _i64p, _vp, _i64p, _dbl, _int],
+    ),
+    "polycos_normalize_rows": (
+        _int,
+        [_int, _int, _vp, _int, _i64p, _i64p, _vp, _i64p, _vp, _vp, _vp, _dbl, _int],
+    ),
+    "polycos_status_message": (ctypes.c_char_p, [_int]),
+    "polycos_isa": (_int, []),
+    "polycos_isa_available": (_int, [_int]),
+    "polycos_set_isa": (_int, [_int]),
+    "polycos_max_batch_dims": (_int, []),
+    "polycos_range_limits": (_int, [_int, ctypes.POINTER(_dbl), ctypes.POINTER(_dbl)]),
+    "polycos_test_finish": (_int, [_int, _int, ctypes.c_int64, *([_vp] * 8), _dbl, _vp]),
+    "polycos_test_grad": (
+        _int,
+        [_int, _int, ctypes.c_int64, ctypes.c_int64, _vp, _vp, _vp, _vp, _dbl, _vp, _vp],
+    ),
+    "polycos_test_row_offsets": (_int, [_int, _i64p, _int, _int, _i64p, ctypes.c_int64, _i64p]),
+}
+_ABI_VERSION = 1
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("POLYCOS_CPU_KERNEL", "1").strip() in ("0", "false", "no", "off"):
+        return None, "disabled by POLYCOS_CPU_KERNEL=0"
+    path = _library_path()
+    if not path.exists():
+        return None, (
+            f"the compiled CPU kernel {path.name} is not in {path.parent} (the build needs a C++17 "
+            "compiler such as g++; reinstall with `pip install -e .` to build it)"
+        )
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"could not load {path}: {e}"
+    try:
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+    except AttributeError as e:
+        return None, f"{path} lacks a symbol ({e}): rebuild with `pip install -e .`"
+    if lib.polycos_abi_version() != _ABI_VERSION:
+        return None, f"{path} has ABI version {lib.polycos_abi_version()}, expected {_ABI_VERSION}: rebuild it"
+    forced = os.environ.get("POLYCOS_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISAS:
+            return None, f"POLYCOS_CPU_ISA={forced!r} is not one of {sorted(ISAS)}"
+        if lib.polycos_set_isa(ISAS[forced]) < 0:
+            return None, f"POLYCOS_CPU_ISA={forced}: this CPU or build does not support it"
+    return lib, None
+
+
+_LIB, _REASON = _load()
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel is loaded."""
+    return _LIB is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel is not available (``None`` when it is)."""
+    return _REASON
+
+
+def _lib() -> ctypes.CDLL:
+    if _LIB is None:
+        raise RuntimeError(f"polycos CPU kernel unavailable: {_REASON}")
+    return _LIB
+
+
+def isa() -> str:
+    """The instruction-set clone in use: ``"baseline"`` (x86-64 / generic) or ``"avx2"``."""
+    code = _lib().polycos_isa()
+    return next(name for name, c in ISAS.items() if c == code)
+
+
+def isa_available(name: str) -> bool:
+    """Whether clone ``name`` is built and this CPU can run it."""
+    return bool(_lib().polycos_isa_available(ISAS[name]))
+
+
+def set_isa(name: str | None) -> str:
+    """Switch the clone for every later call (``None``: the best); for tests. Returns the previous."""
+    prev = isa()
+    code = -1 if name is None else ISAS[name]
+    if _lib().polycos_set_isa(code) < 0:
+        raise ValueError(f"ISA {name!r} is not available here")
+    return prev
+
+
+def max_batch_dims() -> int:
+    """Batch dimensions the kernel walks after coalescing (beyond: :class:`NeedContiguous`)."""
+    return int(_lib().polycos_max_batch_dims())
+
+
+def num_threads(n: int | None = None) -> int:
+    """Threads a call uses: ``n``, else ``POLYCOS_NUM_THREADS``, else the CPUs available to us."""
+    if n is not None:
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"nthreads must be >= 1, got {n}")
+        return n
+    env = os.environ.get("POLYCOS_NUM_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"POLYCOS_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"POLYCOS_NUM_THREADS must be a positive integer, got {env!r}")
+        return value
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check(status: int) -> None:
+    if status == 0:
+        return
+    if status == _NEED_CONTIGUOUS:
+        raise NeedContiguous("too many unmergeable batch dimensions: pass contiguous copies")
+    msg = _lib().polycos_status_message(status).decode()
+    raise KernelError(f"polycos CPU kernel: {msg} (status {status})")
+
+
+_ARRAYS: dict[tuple, Any] = {}
+
+
+def _i64s(values: Sequence[int]) -> Any:
+    """A ctypes int64 array of ``values``, cached: shapes and strides repeat call after call."""
+    key = tuple(values)
+    arr = _ARRAYS.get(key)
+    if arr is None:
+        if len(_ARRAYS) > 1024:
+            _ARRAYS.clear()
+        arr = _ARRAYS[key] = (ctypes.c_int64 * len(key))(*key)
+    return arr
+
+
+def _code(name: str) -> int:
+    try:
+        return DTYPE_CODES[name]
+    except KeyError:
+        raise TypeError(f"the CPU kernel supports {', '.join(DTYPE_CODES)}; got {name}") from None
+
+
+def _pair(dtype: str, acc: str) -> tuple[int, int]:
+    if (dtype, acc) not in PAIRS:
+        raise TypeError(f"unsupported storage/accumulation dtypes ({dtype}, {acc})")
+    return DTYPE_CODES[dtype], DTYPE_CODES[acc]
+
+
+# --------------------------------------------------------------------------- pointer level
+
+
+def forward_ptr(
+    dtype: str,
+    acc: str,
+    x1: Operand,
+    x2: Operand,
+    axis: int,
+    eps: float,
+    out: Operand,
+    res_ptr: int,
+    nthreads: int,
+) -> None:
+    """Forward into ``out`` (and ``res``): the C ABI ``polycos_forward`` with little overhead.
+
+    ``x1``, ``x2``: inputs of storage dtype ``dtype``, broadcast together
+    (right-aligned); ``axis`` (>= 0) indexes their broadcast shape. ``out``:
+    the result (broadcast shape without ``axis``, dtype ``dtype``, any strides;
+    its shape entry is ignored). ``res_ptr``: 0, or a C-contiguous ``(*result,
+    5)`` array of ``acc`` receiving ``(s, n1s, n2s, m1, m2)`` per row. Raises
+    :class:`NeedContiguous` when the layout is too fragmented.
+    """
+    t, a = _pair(dtype, acc)
+    p1, s1, st1 = x1
+    p2, s2, st2 = x2
+    _check(
+        _lib().polycos_forward(
+            t, a, p1, len(s1), _i64s(s1), _i64s(st1), p2, len(s2), _i64s(s2), _i64s(st2),
+            axis, out[0], _i64s(out[2]), res_ptr or None, eps, nthreads,
+        )
+    )
+
+
+def backward_ptr(
+    dtype: str,
+    acc: str,
+    out_dtype: str,
+    g: Operand,
+    x1: Operand,
+    x2: Operand,
+    axis: int,
+    eps: float,
+    res_ptr: int,
+    d1: Operand,
+    d2: Operand,
+    nthreads: int,
+    g_dtype: str | None = None,
+) -> None:
+    """VJP into ``d1``, ``d2``: the C ABI ``polycos_backward``.
+
+    ``g`` (dtype ``g_dtype``: ``dtype`` by default, or ``acc``) broadcasts
+    against the result; ``d1``, ``d2`` span the broadcast shape of ``x1``,
+    ``x2`` and ``g`` (with a unit axis inserted), in ``out_dtype`` (``dtype``,
+    or ``acc`` for callers that sum broadcast rows themselves). ``res_ptr``: 0
+    (recompute the row statistics) or forward's residuals for ``x1``, ``x2``.
+    """
+    t, a = _pair(dtype, acc)
+    o = _code(out_dtype)
+    gt = _code(g_dtype or dtype)
+    pg, sg, stg = g
+    p1, s1, st1 = x1
+    p2, s2, st2 = x2
+    _check(
+        _lib().polycos_backward(
+            t, a, o, p1, len(s1), _i64s(s1), _i64s(st1), p2, len(s2), _i64s(s2), _i64s(st2), axis,
+            gt, pg, len(sg), _i64s(sg), _i64s(stg), res_ptr or None,
+            d1[0], _i64s(d1[2]), d2[0], _i64s(d2[2]), eps, nthreads,
+        )
+    )
+
+
+def normalize_rows_ptr(
+    dtype: str,
+    acc: str,
+    x: Operand,
+    eps: float,
+    xhat: Operand,
+    cs_ptr: int,
+    ns_ptr: int,
+    m_ptr: int,
+    nthreads: int,
+) -> None:
+    """Rows along the last axis normalised into ``xhat`` (``acc``, any strides) and per-row ``cs, ns, m``.
+
+    ``cs_ptr``, ``ns_ptr``, ``m_ptr``: 0 or C-contiguous arrays of ``acc`` with
+    one value per row (C order over ``x.shape[:-1]``).
+    """
+    t, a = _pair(dtype, acc)
+    px, sx, stx = x
+    _check(
+        _lib().polycos_normalize_rows(
+            t, a, px, len(sx), _i64s(sx), _i64s(stx), xhat[0], _i64s(xhat[2]),
+            cs_ptr or None, ns_ptr or None, m_ptr or None, eps, nthreads,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- NumPy level
+
+
+_NAMES: dict[Any, str] = {}  # dtype -> name (``dtype.name`` builds a string each time)
+
+
+def _name(dtype: Any) -> str:
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES.setdefault(dtype, np.dtype(dtype).name)
+    return name
+
+
+def _dtype_name(x: np.ndarray) -> str:
+    name = _name(x.dtype)
+    if name not in DTYPE_CODES:
+        raise TypeError(f"the CPU kernel supports {', '.join(DTYPE_CODES)}; got {name}")
+    return name
+
+
+def _broadcast(*shapes: tuple) -> tuple:
+    """Right-aligned broadcast of shapes (as ``np.broadcast_shapes``, without its overhead)."""
+    nd = max(len(sh) for sh in shapes)
+    out = [1] * nd
+    for sh in shapes:
+        for i, d in enumerate(sh, nd - len(sh)):
+            if d != 1:
+                if out[i] not in (1, d):
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+                out[i] = d
+    return tuple(out)
+
+
+def _np_dtype(name: str) -> Any:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _operand(x: np.ndarray) -> tuple[np.ndarray, Operand]:
+    """``x`` (a copy if its strides are not whole elements) and its operand."""
+    item = x.itemsize
+    if any(s % item for s in x.strides):
+        x = np.ascontiguousarray(x)
+    return x, (x.ctypes.data, x.shape, tuple(s // item for s in x.strides))
+
+
+def _axis(axis: int, ndim: int) -> int:
+    n = max(ndim, 1)
+    if not -n <= axis < n:
+        raise IndexError(f"axis {axis} out of range for {ndim} dimensions")
+    return axis % n
+
+
+def _acc_for(dtype: str, acc_dtype: Any) -> str:
+    if acc_dtype is None:
+        return DEFAULT_ACC[dtype]
+    return _name(acc_dtype)
+
+
+def forward(
+    x1: np.ndarray,
+    x2: np.ndarray,
+    axis: int,
+    eps: float,
+    *,
+    acc_dtype: Any = None,
+    want_res: bool = True,
+    nthreads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cosine similarity of NumPy arrays along ``axis`` (of their broadcast shape).
+
+    Returns ``(out, res)``: the result (broadcast shape without ``axis``, the
+    inputs' dtype) and, with ``want_res``, the residuals ``(*out.shape, 5)`` in
+    the accumulation dtype: ``(s, n1s, n2s, m1, m2)`` per row
+    (``_core.Residuals``). ``acc_dtype``: float64 (default) or float32 for
+    float32 inputs. 0-d inputs give a 0-d result.
+
+    >>> import numpy as np
+    >>> out, res = forward(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[5.0, 6.0], [7.0, 8.0]]), 0, 1e-8)
+    >>> out.round(6).tolist()
+    [0.955779, 0.98387]
+    """
+    dtype = _dtype_name(x1)
+    if x2.dtype != x1.dtype:
+        raise TypeError(f"x1 and x2 must have one dtype, got {x1.dtype} and {x2.dtype}")
+    acc = _acc_for(dtype, acc_dtype)
+    shape = _broadcast(x1.shape, x2.shape)
+    scalar = shape == ()
+    ax = _axis(axis, len(shape))
+    if scalar:
+        x1, x2, shape = x1.reshape(1), x2.reshape(1), (1,)
+    out_shape = shape[:ax] + shape[ax + 1 :]
+    out = np.empty(out_shape, dtype=x1.dtype)
+    res = np.empty((*out_shape, 5), dtype=_np_dtype(acc)) if want_res else None
+    nt = num_threads(nthreads)
+    try:
+        _forward_arrays(dtype, acc, x1, x2, ax, eps, out, res, nt)
+    except NeedContiguous:
+        x1 = np.ascontiguousarray(np.broadcast_to(x1, shape))
+        x2 = np.ascontiguousarray(np.broadcast_to(x2, shape))
+        _forward_arrays(dtype, acc, x1, x2, ax, eps, out, res, nt)
+    if scalar:
+        out = out.reshape(())
+        res = None if res is None else res.reshape(5)
+    return out, res
+
+
+def _forward_arrays(
+    dtype: str, acc: str, x1: np.ndarray, x2: np.ndarray, axis: int, eps: float,
+    out: np.ndarray, res: np.ndarray | None, nthreads: int,
+) -> None:
+    x1, o1 = _operand(x1)
+    x2, o2 = _operand(x2)
+    _, oo = _operand(out)
+    forward_ptr(dtype, acc, o1, o2, axis, float(eps), oo, 0 if res is None else res.ctypes.data, nthreads)
+
+
+def backward(
+    g: Any,
+    x1: np.ndarray,
+    x2: np.ndarray,
+    axis: int,
+    eps: float,
+    res: np.ndarray | None = None,
+    *,
+    out_dtype: Any = None,
+    acc_dtype: Any = None,
+    nthreads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """VJP of :func:`forward` for upstream gradient ``g``: ``(d1, d2)`` over the full broadcast shape.
+
+    ``g`` broadcasts against the result (it is cast to the inputs' dtype unless
+    it already has the accumulation dtype). ``res``: :func:`forward`'s
+    residuals (recomputed when ``None``; its dtype sets the accumulation dtype).
+    ``out_dtype``: the inputs' dtype (default) or the accumulation dtype. The
+    caller sums the gradients of broadcast inputs (``_core.sum_to_shape``).
+    """
+    dtype = _dtype_name(x1)
+    if x2.dtype != x1.dtype:
+        raise TypeError(f"x1 and x2 must have one dtype, got {x1.dtype} and {x2.dtype}")
+    acc = _name(res.dtype) if res is not None else _acc_for(dtype, acc_dtype)
+    odt = dtype if out_dtype is None else _name(out_dtype)
+    if odt not in (dtype, acc):
+        raise TypeError(f"out_dtype must be {dtype} or {acc}, got {odt}")
+    g = np.asarray(g)
+    if _name(g.dtype) not in (dtype, acc):
+        g = g.astype(x1.dtype)
+    shape12 = _broadcast(x1.shape, x2.shape)
+    ax = _axis(axis, len(shape12))
+    if shape12 == ():  # 0-d: one row of one element (res keeps its shape (5,))
+        x1, x2, shape12 = x1.reshape(1), x2.reshape(1), (1,)
+    result12 = shape12[:ax] + shape12[ax + 1 :]
+    if res is not None and (res.shape != (*result12, 5) or not res.flags.c_contiguous):
+        raise ValueError(f"res must be a C-contiguous array of shape {(*result12, 5)}, got {res.shape}")
+    from_end = len(shape12) - ax
+    gfull = (1,) * max(0, from_end - 1 - g.ndim) + g.shape
+    gfull = (*gfull[:len(gfull) - (from_end - 1)], 1, *gfull[len(gfull) - (from_end - 1):])
+    shape = _broadcast(shape12, gfull)
+    d1 = np.empty(shape, dtype=_np_dtype(odt))
+    d2 = np.empty(shape, dtype=_np_dtype(odt))
+    full_ax = len(shape) - from_end
+    nt = num_threads(nthreads)
+    try:
+        _backward_arrays(dtype, acc, odt, g, x1, x2, ax, eps, res, d1, d2, nt)
+    except NeedContiguous:
+        x1 = np.ascontiguousarray(np.broadcast_to(x1, shape))
+        x2 = np.ascontiguousarray(np.broadcast_to(x2, shape))
+        rshape = shape[:full_ax] + shape[full_ax + 1 :]
+        g = np.ascontiguousarray(np.broadcast_to(g, rshape))
+        if res is not None:
+            res = np.ascontiguousarray(np.broadcast_to(res.reshape((1,) * (len(shape) - len(shape12)) + res.shape), (*rshape, 5)))
+        _backward_arrays(dtype, acc, odt, g, x1, x2, full_ax, eps, res, d1, d2, nt)
+    return d1, d2
+
+
+def _backward_arrays(
+    dtype: str, acc: str, odt: str, g: np.ndarray, x1: np.ndarray, x2: np.ndarray, axis: int,
+    eps: float, res: np.ndarray | None, d1: np.ndarray, d2: np.ndarray, nthreads: int,
+) -> None:
+    g, og = _operand(g)
+    x1, o1 = _operand(x1)
+    x2, o2 = _operand(x2)
+    _, od1 = _operand(d1)
+    _, od2 = _operand(d2)
+    backward_ptr(
+        dtype, acc, odt, og, o1, o2, axis, float(eps), 0 if res is None else res.ctypes.data,
+        od1, od2, nthreads, g_dtype=_name(g.dtype),
+    )
+
+
+class RowNorms(NamedTuple):
+    """:func:`normalize_rows`' result (accumulation dtype; ``cs``, ``ns``, ``m`` keepdims)."""
+
+    xhat: np.ndarray
+    cs: np.ndarray
+    ns: np.ndarray
+    m: np.ndarray
+
+
+def normalize_rows(
+    x: np.ndarray, eps: float, *, acc_dtype: Any = None, nthreads: int | None = None
+) -> RowNorms:
+    """Rows along the last axis normalised, as ``_core.normalize_rows``: ``(xhat, cs, ns, m)``.
+
+    ``xhat = (x / m) / max(ns, eps / m)`` (0 where that is 0) with ``m =
+    max|x|`` for rescaling dtypes (else 1) and ``ns = ||x / m||``; all in the
+    accumulation dtype; ``cs``, ``ns``, ``m`` have shape ``(..., 1)``.
+    """
+    dtype = _dtype_name(x)
+    acc = _acc_for(dtype, acc_dtype)
+    if x.ndim == 0:
+        raise ValueError("normalize_rows needs at least one dimension")
+    adt = _np_dtype(acc)
+    xhat = np.empty(x.shape, dtype=adt)
+    stats = np.empty((3, *x.shape[:-1], 1), dtype=adt)
+    x, ox = _operand(x)
+    _, oh = _operand(xhat)
+    ptrs = [stats[i].ctypes.data for i in range(3)]
+    normalize_rows_ptr(dtype, acc, ox, float(eps), oh, *ptrs, num_threads(nthreads))
+    return RowNorms(xhat, stats[0], stats[1], stats[2])
+
+
+# --------------------------------------------------------------------------- test hooks
+
+
+def _range_limits(acc: str) -> tuple[float, float]:
+    """The rescue test's ``(lo_th, hi_th)`` compiled into ``rows.h`` for accumulation dtype ``acc``."""
+    lo, hi = ctypes.c_double(), ctypes.c_double()
+    _check(_lib().polycos_range_limits(_code(acc), ctypes.byref(lo), ctypes.byref(hi)))
+    return lo.value, hi.value
+
+
+def _test_finish(
+    w12: Any, w11: Any, w22: Any, l12: Any, l11: Any, l22: Any, m1: Any, m2: Any, eps: float,
+    *, compensated: bool,
+) -> tuple[np.ndarray, ...]:
+    """``rows.h`` ``finish`` elementwise on arrays of per-row sums: ``(s, n1s, n2s, m1, m2)``.
+
+    Inputs are broadcast together and cast to ``w12``'s dtype (float32 or float64).
+    """
+    dt = np.asarray(w12).dtype
+    arrays = [np.ascontiguousarray(a, dtype=dt).ravel() for a in np.broadcast_arrays(w12, w11, w22, l12, l11, l22, m1, m2)]
+    shape = np.broadcast_shapes(*(np.shape(a) for a in (w12, w11, w22, l12, l11, l22, m1, m2)))
+    out = np.empty((arrays[0].size, 5), dtype=dt)
+    _check(_lib().polycos_test_finish(_code(dt.name), int(compensated), arrays[0].size, *(a.ctypes.data for a in arrays), float(eps), out.ctypes.data))
+    return tuple(out[:, i].reshape(shape) for i in range(5))
+
+
+def _test_grad(
+    a1: np.ndarray, a2: np.ndarray, g: np.ndarray, res: np.ndarray, eps: float, *, rescaled: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``rows.h`` ``grad_coefficients`` + ``grad_element`` on ``(rows, D)`` arrays of the accumulation dtype.
+
+    ``g``: ``(rows,)``; ``res``: ``(rows, 5)`` residuals. Returns ``(d1, d2)``.
+    """
+    dt = a1.dtype
+    a1, a2 = np.ascontiguousarray(a1, dtype=dt), np.ascontiguousarray(a2, dtype=dt)
+    g = np.ascontiguousarray(g, dtype=dt)
+    res = np.ascontiguousarray(res, dtype=dt)
+    rows, d = a1.shape
+    d1, d2 = np.empty_like(a1), np.empty_like(a2)
+    _check(_lib().polycos_test_grad(_code(dt.name), int(rescaled), rows, d, a1.ctypes.data, a2.ctypes.data, g.ctypes.data, res.ctypes.data, float(eps), d1.ctypes.data, d2.ctypes.data))
+    return d1, d2
+
+
+def _test_row_offsets(
+    shape: Sequence[int], axis: int, strides: Sequence[Sequence[int]], row: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The kernel's row iterator on a virtual problem: each operand's offset of rows ``row``, ``row + 1``.
+
+    ``strides``: per operand, element strides over ``shape`` (nothing is read).
+    Raises :class:`NeedContiguous` past the kernel's batch-dimension limit.
+    """
+    nops = len(strides)
+    out = (ctypes.c_int64 * (2 * nops))()
+    flat = [int(s) for op in strides for s in op]
+    _check(_lib().polycos_test_row_offsets(len(shape), _i64s(shape), axis, nops, _i64s(flat), row, out))
+    return tuple(out[:nops]), tuple(out[nops:])
+
+
+# --------------------------------------------------------------------------- JAX (XLA FFI)
+
+_FFI_TARGETS = {
+    "polycos_forward": "PolycosXlaForward",
+    "polycos_backward": "PolycosXlaBackward",
+    "polycos_backward_recompute": "PolycosXlaBackwardRecompute",
+    "polycos_normalize_rows": "PolycosXlaNormalizeRows",
+}
+_jax_lock = threading.Lock()
+_jax_registered = False
+
+
+def register_jax() -> None:
+    """Register the FFI handlers with JAX for the CPU platform (idempotent, thread-safe)."""
+    global _jax_registered
+    if _jax_registered:
+        return
+    with _jax_lock:
+        if _jax_registered:
+            return
+        lib = _lib()
+        import jax
+
+        for name, symbol in _FFI_TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        _jax_registered = True
+
+
+def _jax_acc(dtype: Any) -> Any:
+    """The accumulation dtype under JAX: float64 for float32 only when x64 is on."""
+    import jax
+
+    name = np.dtype(dtype).name
+    if name in ("float16", "bfloat16"):
+        return np.dtype("float32")
+    if name == "float32":
+        x64 = jax.dtypes.canonicalize_dtype(np.float64) == np.dtype(np.float64)
+        return np.dtype("float64" if x64 else "float32")
+    return np.dtype(name)
+
+
+def _jax_expand(x: Any, ndim: int) -> Any:
+    import jax.numpy as jnp
+
+    return x if x.ndim == ndim else jnp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
+
+
+def _ffi_scalars(eps: float, nthreads: int | None) -> dict[str, Any]:
+    return {"eps": np.float64(eps), "nthreads": np.int64(num_threads(nthreads))}
+
+
+def jax_forward(x1: Any, x2: Any, axis: int, eps: float, *, nthreads: int | None = None) -> tuple[Any, Any]:
+    """Forward on JAX CPU arrays through the FFI handler: ``(out, res)`` as :func:`forward`.
+
+    Works inside ``jax.jit`` and ``jax.vmap`` (``vmap_method="expand_dims"``:
+    unbatched operands get a unit batch dimension, which the handler
+    broadcasts with stride 0 rather than JAX materialising it).
+    """
+    import jax
+
+    register_jax()
+    nd = max(x1.ndim, x2.ndim)
+    ax = _axis(axis, nd)
+    scalar = nd == 0
+    if scalar:
+        x1, x2, nd = x1.reshape(1), x2.reshape(1), 1
+    x1, x2 = _jax_expand(x1, nd), _jax_expand(x2, nd)
+    shape = _broadcast(tuple(x1.shape), tuple(x2.shape))
+    out_shape = shape[:ax] + shape[ax + 1 :]
+    acc = _jax_acc(x1.dtype)
+    call = jax.ffi.ffi_call(
+        "polycos_forward",
+        (jax.ShapeDtypeStruct(out_shape, x1.dtype), jax.ShapeDtypeStruct((*out_shape, 5), acc)),
+        vmap_method="expand_dims",
+    )
+    out, res = call(x1, x2, axis=np.int64(ax - nd), **_ffi_scalars(eps, nthreads))
+    if scalar:
+        return out.reshape(()), res.reshape(5)
+    return out, res
+
+
+def jax_backward(
+    g: Any,
+    x1: Any,
+    x2: Any,
+    res: Any,
+    axis: int,
+    eps: float,
+    out_dtype: Any = None,
+    *,
+    nthreads: int | None = None,
+) -> tuple[Any, Any]:
+    """VJP on JAX CPU arrays through the FFI handler: ``(d1, d2)`` over the full broadcast shape.
+
+    ``res``: :func:`jax_forward`'s residuals, or ``None`` to recompute them.
+    ``out_dtype``: the inputs' dtype (default) or the accumulation dtype.
+    """
+    import jax
+
+    register_jax()
+    nd = max(x1.ndim, x2.ndim)
+    ax = _axis(axis, nd)
+    if nd == 0:
+        x1, x2, nd = x1.reshape(1), x2.reshape(1), 1
+        g = g.reshape(())
+        res = None if res is None else res.reshape(1, 5)
+    x1, x2 = _jax_expand(x1, nd), _jax_expand(x2, nd)
+    g = _jax_expand(g, nd - 1)
+    shape12 = _broadcast(tuple(x1.shape), tuple(x2.shape))
+    gfull = (*tuple(g.shape[:ax]), 1, *tuple(g.shape[ax:]))
+    shape = _broadcast(shape12, gfull)
+    acc = _jax_acc(x1.dtype) if res is None else np.dtype(res.dtype)
+    odt = np.dtype(x1.dtype) if out_dtype is None else np.dtype(out_dtype)
+    outs = (jax.ShapeDtypeStruct(shape, odt), jax.ShapeDtypeStruct(shape, odt))
+    attrs = {"axis": np.int64(ax - nd), **_ffi_scalars(eps, nthreads)}
+    if res is None:
+        call = jax.ffi.ffi_call("polycos_backward_recompute", outs, vmap_method="expand_dims")
+        return call(g, x1, x2, acc=np.int64(DTYPE_CODES[acc.name]), **attrs)
+    call = jax.ffi.ffi_call("polycos_backward", outs, vmap_method="expand_dims")
+    return call(g, x1, x2, res, **attrs)
+
+
+def jax_normalize_rows(x: Any, eps: float, *, nthreads: int | None = None) -> tuple[Any, Any, Any, Any]:
+    """:func:`normalize_rows` on a JAX CPU array through the FFI handler: ``(xhat, cs, ns, m)``."""
+    import jax
+
+    register_jax()
+    if x.ndim == 0:
+        raise ValueError("normalize_rows needs at least one dimension")
+    acc = _jax_acc(x.dtype)
+    keep = (*tuple(x.shape[:-1]), 1)
+    call = jax.ffi.ffi_call(
+        "polycos_normalize_rows",
+        (jax.ShapeDtypeStruct(tuple(x.shape), acc), *(jax.ShapeDtypeStruct(keep, acc) for _ in range(3))),
+        vmap_method="expand_dims",
+    )
+    return tuple(call(x, **_ffi_scalars(eps, nthreads)))  # type: ignore[return-value]

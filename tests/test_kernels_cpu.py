@@ -1,0 +1,734 @@
+"""The native CPU kernel (``polycos._kernels``: ``cpu.cpp`` + ``rows.h``).
+
+* Values within 1 ulp(1.0) of the exact reference and gradients to the
+  reference VJP, over random shapes, broadcasts, ``dim``, strides (negative,
+  stride 0, transposed, gaps), dtypes and the hard cases (zero rows, eps = 0,
+  NaN/inf rows, scales from the bottom to the top of each dtype's range).
+* Bitwise mirrors: ``rows.h``'s ``finish`` against ``_core.finish`` and its
+  gradient against ``_core.grad_coefficients`` + ``_core.grad_elementwise``.
+* Bitwise repeatable across thread counts and ISA clones; 64-bit indexing;
+  empty problems; FTZ/DAZ callers; the contiguous-copy fallback.
+* The XLA FFI handlers under ``jax.jit`` and ``jax.vmap`` against the NumPy path.
+
+Skipped as a whole, with the loader's reason, only when the library was not built.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from polycos import _core
+from polycos import _kernels as K
+from polycos.testing import (
+    assert_matches_reference,
+    assert_vjp_matches_reference,
+    cosine_inputs,
+)
+
+pytestmark = pytest.mark.skipif(
+    not K.available(), reason=f"CPU kernel not built: {K.unavailable_reason()}"
+)
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = ml_dtypes.bfloat16
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def np_dtype(name: str):
+    return BF16 if name == "bfloat16" else np.dtype(name)
+
+
+def as_dtype(a: np.ndarray, name: str) -> np.ndarray:
+    return np.asarray(a).astype(np_dtype(name))
+
+
+def wide(a: np.ndarray) -> np.ndarray:
+    """An exact float64 copy (the reference cannot read bfloat16 reliably)."""
+    return np.asarray(a).astype(np.float64)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality, NaN payloads included."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality, any NaN equal to any NaN."""
+    a, b = np.asarray(a), np.asarray(b)
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    return a.shape == b.shape and bool(np.array_equal(nan_a, nan_b)) and bool(
+        np.array_equal(a[~nan_a].view(np.uint8 if a.dtype.itemsize == 1 else f"u{a.dtype.itemsize}"),
+                       b[~nan_b].view(np.uint8 if b.dtype.itemsize == 1 else f"u{b.dtype.itemsize}"))
+    )
+
+
+# --------------------------------------------------------------------------- strided views
+
+
+def restride(draw, x: np.ndarray) -> np.ndarray:
+    """The same values as ``x`` in another memory layout: a reversed axis (negative
+    stride), transposed storage, or gaps between elements."""
+    kind = draw(st.sampled_from(["plain", "reversed", "fortran", "gaps"]))
+    if x.ndim == 0 or x.size == 0 or kind == "plain":
+        return x
+    if kind == "reversed":
+        axis = draw(st.integers(0, x.ndim - 1))
+        return np.flip(np.flip(x, axis).copy(), axis)
+    if kind == "fortran":
+        return np.asfortranarray(x)
+    buf = np.zeros((*x.shape[:-1], x.shape[-1] * 3), dtype=x.dtype)
+    buf[..., ::3] = x
+    return buf[..., ::3]
+
+
+@st.composite
+def cases(draw, dtypes=DTYPES, **kw):
+    """``(x1, x2, dim, eps)`` NumPy inputs of one of ``dtypes``, in any layout; sometimes
+    x2 is a stride-0 ``broadcast_to`` view of the full shape."""
+    dtype = draw(st.sampled_from(dtypes))
+    draw_as = "float32" if dtype == "bfloat16" else dtype
+    case = draw(cosine_inputs(np, dtypes=(draw_as,), **kw))
+    x1, x2 = as_dtype(case.x1, dtype), as_dtype(case.x2, dtype)
+    x1, x2 = restride(draw, x1), restride(draw, x2)
+    if draw(st.booleans()):
+        x2 = np.broadcast_to(x2, np.broadcast_shapes(x1.shape, x2.shape))
+    return x1, x2, case.dim, case.eps
+
+
+def check_forward(x1: np.ndarray, x2: np.ndarray, dim: int, eps: float, **kw) -> np.ndarray:
+    out, res = K.forward(x1, x2, dim, eps, **kw)
+    assert out.dtype == x1.dtype
+    assert_matches_reference(out, wide(x1), wide(x2), dim, eps)
+    if res is not None:
+        assert res.shape == (*out.shape, 5)
+        assert np.all(np.isnan(res[..., 0]) | (np.abs(res[..., 0]) <= 1))
+    return out
+
+
+def check_backward(x1: np.ndarray, x2: np.ndarray, dim: int, eps: float, use_res: bool) -> None:
+    out, res = K.forward(x1, x2, dim, eps, want_res=use_res)
+    g = np.linspace(-2.0, 2.0, num=max(out.size, 1))[: out.size].reshape(out.shape).astype(x1.dtype)
+    d1, d2 = K.backward(g, x1, x2, dim, eps, res)
+    full = np.broadcast_shapes(x1.shape, x2.shape)
+    assert d1.shape == d2.shape == (full or (1,))
+    with np.errstate(all="ignore"):  # inf + -inf in rows that hold them: NaN, as it should
+        g1 = _core.sum_to_shape(np, d1.astype(np.float64), x1.shape or (1,)).reshape(x1.shape)
+        g2 = _core.sum_to_shape(np, d2.astype(np.float64), x2.shape or (1,)).reshape(x2.shape)
+    with np.errstate(all="ignore"):
+        assert_vjp_matches_reference(
+            (g1.astype(x1.dtype), g2.astype(x2.dtype)), wide(g), wide(x1), wide(x2), dim, eps
+        )
+
+
+# --------------------------------------------------------------------------- against the reference
+
+
+@given(cases(max_side=9))
+def test_forward_matches_reference(case) -> None:
+    """G1, G2, G4, G6 on any layout: within 1 ulp(1) of the exact value."""
+    x1, x2, dim, eps = case
+    check_forward(x1, x2, dim, eps)
+
+
+@given(cases(max_side=7), st.booleans())
+def test_backward_matches_reference(case, use_res: bool) -> None:
+    """The VJP, from the residuals or recomputing them, against the exact VJP.
+
+    Subnormal rows far below eps included: the rescue's scale has a floor
+    (``_core._row_scale``) so that ``eps / m`` stays finite.
+    """
+    x1, x2, dim, eps = case
+    check_backward(x1, x2, dim, eps, use_res)
+
+
+@given(cases(dtypes=("float32",), max_side=7))
+def test_float32_accumulating_in_float32(case) -> None:
+    """The (float32, float32) pair (JAX without x64): compensated sums, still 1 ulp(1)."""
+    x1, x2, dim, eps = case
+    check_forward(x1, x2, dim, eps, acc_dtype=np.float32)
+    out, res = K.forward(x1, x2, dim, eps, acc_dtype=np.float32)
+    assert res.dtype == np.float32
+    d1, _d2 = K.backward(np.ones(out.shape, np.float32), x1, x2, dim, eps, res)
+    assert d1.dtype == np.float32
+
+
+SCALES = {
+    "float16": (2.0**-24, 6e4),
+    "bfloat16": (2.0**-133, 3e38),
+    "float32": (1e-45, 3e38),
+    "float64": (5e-324, 1.7e308),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", ["bottom", "top", "subnormal"])
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_scale_safe(dtype: str, where: str, layout: str) -> None:
+    """G3: rows scaled to the bottom (subnormals included) and the top of the range, eps = 0."""
+    rng = np.random.default_rng(3)
+    lo, hi = SCALES[dtype]
+    info = ml_dtypes.finfo(BF16) if dtype == "bfloat16" else np.finfo(dtype)
+    scale = {"bottom": float(info.smallest_normal) * 4, "top": hi / 40, "subnormal": lo * 8}[where]
+    a = rng.uniform(-4, 4, (40, 33))
+    b = rng.uniform(-4, 4, (40, 33))
+    b[0] = a[0]
+    x1 = as_dtype(a * scale, dtype)
+    x2 = as_dtype(b * scale, dtype)
+    assert np.all(np.isfinite(wide(x1)))
+    if layout == "column":
+        x1, x2 = np.ascontiguousarray(x1.T), np.ascontiguousarray(x2.T)
+    dim = 1 if layout == "row" else 0
+    out = check_forward(x1, x2, dim, 0.0)
+    if where != "subnormal":
+        assert out[0] == 1  # parallel rows: exactly 1 at any scale
+    check_backward(x1, x2, dim, 0.0, use_res=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows_g2(dtype: str) -> None:
+    """G2 at D = 65536 for nearly parallel rows, row and column layouts."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((16, 65536))
+    x1 = as_dtype(a, dtype)
+    x2 = as_dtype(a + 1e-3 * rng.standard_normal(a.shape), dtype)
+    check_forward(x1[:3], x2[:3], 1, 1e-8)
+    check_forward(np.ascontiguousarray(x1.T), np.ascontiguousarray(x2.T), 0, 1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_rows_stay_local(dtype: str) -> None:
+    """G6: NaN / inf in a row gives NaN in that element and that gradient row only."""
+    x1 = as_dtype(np.ones((4, 5)), dtype)
+    x2 = as_dtype(np.arange(20.0).reshape(4, 5) + 1, dtype)
+    x1[1, 2] = np.nan
+    x2[2, 0] = np.inf
+    for a, b, dim in ((x1, x2, 1), (np.ascontiguousarray(x1.T), np.ascontiguousarray(x2.T), 0)):
+        out, res = K.forward(a, b, dim, 1e-8)
+        s = wide(out)
+        assert np.isnan(s[1])
+        assert np.isnan(s[2])
+        assert np.all(np.isfinite(s[[0, 3]]))
+        d1, d2 = K.backward(np.ones(4, a.dtype), a, b, dim, 1e-8, res)
+        d1 = wide(d1) if dim == 1 else wide(d1).T
+        d2 = wide(d2) if dim == 1 else wide(d2).T
+        assert np.all(np.isfinite(d1[[0, 3]]))
+        assert np.all(np.isfinite(d2[[0, 3]]))
+        assert np.all(np.isnan(d2[1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_rows_and_eps_zero(dtype: str) -> None:
+    """G4: zero vectors give s = 0 and zero, finite gradients for eps > 0 and eps = 0."""
+    x1 = as_dtype(np.zeros((3, 6)), dtype)
+    x2 = as_dtype(np.arange(18.0).reshape(3, 6), dtype)
+    for eps in (0.0, 1e-8):
+        out, res = K.forward(x1, x2, 1, eps)
+        assert np.all(wide(out) == 0)
+        d1, d2 = K.backward(np.ones(3, x1.dtype), x1, x2, 1, eps, res)
+        assert np.all(wide(d2) == 0)
+        if eps == 0:
+            assert np.all(wide(d1) == 0)
+        else:  # g x2 / (eps |x2|): about 1e8 (inf in float16, whose range ends at 65504)
+            with np.errstate(over="ignore"):
+                want = (wide(x2) / (eps * np.linalg.norm(wide(x2), axis=1, keepdims=True))).astype(x1.dtype)
+            np.testing.assert_allclose(wide(d1), wide(want), rtol=1e-2)
+
+
+# --------------------------------------------------------------------------- bitwise mirrors of _core
+
+
+def _sums(rng: np.random.Generator, n: int, dt: type, compensated: bool) -> list[np.ndarray]:
+    """Per-row sums as the kernel produces them: in range, zero, NaN or inf, in scaled units."""
+    lo, hi = K._range_limits(np.dtype(dt).name)
+    w11 = np.exp(rng.uniform(np.log(lo), np.log(hi), n)).astype(dt)
+    w22 = np.exp(rng.uniform(np.log(lo), np.log(hi), n)).astype(dt)
+    special = rng.integers(0, 8, n)
+    w11[special == 1] = 0
+    w22[special == 2] = 0
+    w11[special == 3] = np.nan
+    w22[special == 4] = np.inf
+    w11[special == 5] = w22[special == 5]
+    with np.errstate(all="ignore"):
+        w12 = (np.sqrt(w11.astype(np.float64) * w22) * rng.uniform(-1.2, 1.2, n)).astype(dt)
+    w12[special == 5] = w11[special == 5]
+    if compensated:
+        ls = [(w * rng.uniform(-1, 1, n) * np.finfo(dt).eps / 2).astype(dt) for w in (w12, w11, w22)]
+    else:
+        ls = [np.zeros(n, dt)] * 3
+    m1 = np.where(rng.integers(0, 2, n) == 1, np.exp(rng.uniform(-60, 60, n)), 1.0).astype(dt)
+    m2 = np.where(rng.integers(0, 2, n) == 1, np.exp(rng.uniform(-60, 60, n)), 1.0).astype(dt)
+    return [w12, w11, w22, *ls, m1, m2]
+
+
+@pytest.mark.parametrize("acc", ["float32", "float64"])
+@pytest.mark.parametrize("compensated", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 1e-8, 0.5, 1e-30])
+def test_finish_is_core_finish_bitwise(acc: str, compensated: bool, eps: float) -> None:
+    """rows.h finish == _core.finish, bit for bit, on the same sums (every regime)."""
+    rng = np.random.default_rng(int(eps * 1e9) + compensated)
+    dt = np.dtype(acc).type
+    sums = _sums(rng, 4000, dt, compensated)
+    with np.errstate(all="ignore"):
+        want = _core.finish(np, *sums, eps, compensated=compensated)
+    got = K._test_finish(*sums, eps, compensated=compensated)
+    for name, g, w in zip(want._fields, got, want, strict=True):
+        assert same_values(g, np.asarray(w, dtype=dt)), name
+
+
+@pytest.mark.parametrize("acc", ["float32", "float64"])
+@pytest.mark.parametrize("rescaled", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 1e-8, 0.5])
+def test_gradient_is_core_gradient_bitwise(acc: str, rescaled: bool, eps: float) -> None:
+    """rows.h grad_coefficients + grad_element == _core's, bit for bit."""
+    rng = np.random.default_rng(5 + rescaled)
+    dt = np.dtype(acc).type
+    rows, d = 300, 7
+    sums = _sums(rng, rows, dt, False)
+    if not rescaled:
+        sums[6] = sums[7] = np.ones(rows, dt)
+    with np.errstate(all="ignore"):
+        res = _core.finish(np, *sums, eps, compensated=False)
+    scale = np.exp(rng.uniform(-30, 30, (rows, 1)))
+    a1 = (rng.standard_normal((rows, d)) * scale).astype(dt)
+    a2 = (rng.standard_normal((rows, d)) * scale).astype(dt)
+    a1[::17] = 0
+    g = rng.uniform(-3, 3, rows).astype(dt)
+    packed = np.stack([np.asarray(r, dtype=dt) for r in res], axis=-1)
+    got = K._test_grad(a1, a2, g, packed, eps, rescaled=rescaled)
+    with np.errstate(all="ignore"):
+        keep = [np.asarray(r, dtype=dt)[:, None] for r in res]
+        k = _core.grad_coefficients(np, g[:, None], _core.Residuals(*keep), eps, rescaled=rescaled)
+        want = _core.grad_elementwise(np, a1, a2, k, rescaled=rescaled)
+    for gv, wv in zip(got, want, strict=True):
+        assert same_values(gv, np.asarray(wv, dtype=dt))
+
+
+def test_range_limits_are_the_cores() -> None:
+    """The rescue thresholds compiled into rows.h are _core._suspect's."""
+    for acc in ("float32", "float64"):
+        lo, hi = K._range_limits(acc)
+        info = np.finfo(acc)
+        dt = np.dtype(acc).type
+        assert lo == float(dt(float(info.smallest_normal) ** 0.5 / float(info.eps)))
+        assert hi == float(dt(float(info.max) ** 0.5 / 4))
+        w = np.array([lo, np.nextafter(dt(lo), dt(0)), hi, np.nextafter(dt(hi), dt(np.inf))], dtype=dt)
+        assert _core._suspect(np, w).tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_rows(dtype: str) -> None:
+    """normalize_rows: xhat to a few ulp of x / max(||x||, eps); bitwise the core's on exact sums."""
+    rng = np.random.default_rng(9)
+    spread = 3 if dtype == "float16" else 20
+    x = as_dtype(rng.standard_normal((50, 37)) * np.exp(rng.uniform(-spread, spread, (50, 1))), dtype)
+    x[3] = 0
+    x[4, 2] = np.nan
+    acc = K.DEFAULT_ACC[dtype]
+    for eps in (0.0, 1e-8):
+        r = K.normalize_rows(x, eps)
+        assert r.xhat.dtype == np.dtype(acc)
+        assert r.cs.shape == r.ns.shape == r.m.shape == (50, 1)
+        xw = np.asarray(x).astype(np.longdouble)
+        with np.errstate(all="ignore"):
+            m = np.max(np.abs(xw), axis=1, keepdims=True)
+            n = np.sqrt(np.sum((xw / m) ** 2, axis=1, keepdims=True)) * m
+            want = np.where(np.maximum(n, eps) == 0, 0, xw / np.maximum(n, eps)).astype(np.float64)
+        ok = np.isfinite(want)
+        np.testing.assert_allclose(wide(r.xhat)[ok], want[ok], rtol=4 * np.finfo(acc).eps, atol=0)
+        assert np.all(np.isnan(r.xhat[4]))
+        assert np.all(r.xhat[3] == 0)
+    # rows whose sums of squares are exact in any order (max|x| = 8): bitwise the core's
+    y = rng.integers(-7, 8, (20, 12)).astype(np.float64)
+    y[:, 0] = 8
+    y = as_dtype(y, dtype)
+    got = K.normalize_rows(y, 1e-8)
+    want = _core.normalize_rows(np, y, 1e-8)
+    assert same_values(got.xhat, np.asarray(want.xhat))
+    assert same_values(got.ns, np.asarray(want.ns, dtype=got.ns.dtype))
+    assert same_values(got.cs, np.asarray(want.cs, dtype=got.cs.dtype))
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def _run_all(x1: np.ndarray, x2: np.ndarray, dim: int, nthreads: int) -> list[np.ndarray]:
+    out, res = K.forward(x1, x2, dim, 1e-8, nthreads=nthreads)
+    g = np.linspace(-1, 1, out.size).reshape(out.shape).astype(x1.dtype)
+    d1, d2 = K.backward(g, x1, x2, dim, 1e-8, res, nthreads=nthreads)
+    e1, e2 = K.backward(g, x1, x2, dim, 1e-8, nthreads=nthreads)  # recomputed statistics
+    outs = [out, res, d1, d2, e1, e2]
+    if dim == x1.ndim - 1:
+        outs += list(K.normalize_rows(x1, 1e-8, nthreads=nthreads))
+    return outs
+
+
+def _big_inputs(dtype: str, layout: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Enough rows for 7 threads; one row that needs the range rescue (rescaling dtypes)."""
+    rng = np.random.default_rng(21)
+    a = rng.standard_normal((6000, 129)) * np.exp(rng.uniform(-3, 3, (6000, 1)))
+    b = rng.standard_normal((6000, 129))
+    a[7] *= {"float16": 1.0, "bfloat16": 1e30, "float32": 1e30, "float64": 1e200}[dtype]
+    x1, x2 = as_dtype(a, dtype), as_dtype(b, dtype)
+    if layout == "column":
+        return np.ascontiguousarray(x1.T), np.ascontiguousarray(x2.T), 0
+    if layout == "strided":
+        return x1[:, ::-1], x2[::-1], 1
+    return x1, x2, 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row", "column", "strided"])
+def test_bitwise_across_thread_counts(dtype: str, layout: str) -> None:
+    """G8/G13: the same bits for 1, 2, 3 and 7 threads (rows split at different places)."""
+    x1, x2, dim = _big_inputs(dtype, layout)
+    ref = _run_all(x1, x2, dim, 1)
+    for nt in (2, 3, 7):
+        for a, b in zip(ref, _run_all(x1, x2, dim, nt), strict=True):
+            assert same_bits(a, b), nt
+
+
+def test_strided_layout_has_the_row_layouts_bits() -> None:
+    """The strided loop sums in the row loop's order: bitwise equal results."""
+    rng = np.random.default_rng(2)
+    x1 = rng.standard_normal((50, 300)).astype(np.float32)
+    x2 = rng.standard_normal((50, 300)).astype(np.float32)
+    gap1 = np.zeros((50, 900), np.float32)
+    gap1[:, ::3] = x1
+    out, res = K.forward(x1, x2, 1, 1e-8)
+    out2, res2 = K.forward(gap1[:, ::3], x2, 1, 1e-8)
+    assert same_bits(out, out2)
+    assert same_bits(res, res2)
+
+
+@pytest.mark.skipif(not K.available() or not K.isa_available("avx2"), reason="no AVX2 clone on this CPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row", "column", "strided"])
+def test_bitwise_across_isa_clones(dtype: str, layout: str) -> None:
+    """The baseline x86-64 and the AVX2+FMA clones compute the same bits (set_isa = POLYCOS_CPU_ISA)."""
+    x1, x2, dim = _big_inputs(dtype, layout)
+    x1, x2 = x1[:300] if dim == 1 else x1[:, :300], x2[:300] if dim == 1 else x2[:, :300]
+    prev = K.set_isa("baseline")
+    try:
+        base = _run_all(x1, x2, dim, 2)
+        K.set_isa("avx2")
+        fast = _run_all(x1, x2, dim, 2)
+    finally:
+        K.set_isa(prev)
+    for a, b in zip(base, fast, strict=True):
+        assert same_bits(a, b)
+
+
+@pytest.mark.skipif(not K.available() or not K.isa_available("avx2"), reason="no AVX2 clone on this CPU")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_conversions_across_isa_clones(dtype: str) -> None:
+    """Every 16-bit pattern (subnormals, inf, NaN) widens and narrows to the same bits in both
+    clones (the AVX2 clone converts float16 with F16C, the baseline with integer code).
+
+    NaN payloads may differ where several NaNs meet: x86 returns the first operand's NaN and
+    the compiler orders commutative operands freely (IEEE leaves the payload unspecified), so
+    NaN compares equal to NaN here; every other value compares bit for bit."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    x1 = bits.view(np_dtype(dtype)).reshape(-1, 16)
+    x2 = np.roll(bits, 1).view(np_dtype(dtype)).reshape(-1, 16)
+    g = np.linspace(-3, 3, x1.shape[0]).astype(np_dtype(dtype))
+    outs = []
+    prev = K.set_isa("baseline")
+    try:
+        for isa in ("baseline", "avx2"):
+            K.set_isa(isa)
+            with np.errstate(all="ignore"):
+                out, res = K.forward(x1, x2, 1, 1e-8)
+                d = K.backward(g, x1, x2, 1, 1e-8, res)
+                # narrowing of every value: xhat-like outputs written back in T via the gradient of
+                # rows (x, 1) against (1, 0): d1 = g * (e1 - s x / |x|) / |x| spans the range
+                n = K.normalize_rows(x1, 0.0)
+            outs.append([out, res, *d, *n])
+    finally:
+        K.set_isa(prev)
+    for a, b in zip(*outs, strict=True):
+        assert same_values(a, b)
+
+
+def test_concurrent_calls() -> None:
+    """Thread-safe from the first call: calls from several Python threads agree."""
+    x1, x2, dim = _big_inputs("float32", "row")
+    want = K.forward(x1, x2, dim, 1e-8, nthreads=2)[0]
+    results: list[np.ndarray] = []
+
+    def work() -> None:
+        for _ in range(3):
+            results.append(K.forward(x1, x2, dim, 1e-8, nthreads=2)[0])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 12
+    assert all(same_bits(r, want) for r in results)
+
+
+def test_ftz_daz_caller_thread() -> None:
+    """A caller running with flush-to-zero / denormals-are-zero gets the IEEE results."""
+    torch = pytest.importorskip("torch")
+    x1 = np.array([[3e-39, 4e-39, 0.0], [1e-40, 0.0, 2e-40]], dtype=np.float32)  # subnormal inputs
+    x2 = np.array([[1e-39, 1e-39, 1e-39], [1e-40, 1e-40, 0.0]], dtype=np.float32)
+    want = K.forward(x1, x2, 1, 0.0)
+    wg = K.backward(np.ones(2, np.float32), x1, x2, 1, 0.0, want[1])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = K.forward(x1, x2, 1, 0.0)
+        gg = K.backward(np.ones(2, np.float32), x1, x2, 1, 0.0, got[1])
+        assert np.float32(1e-40) * np.float32(1) == 0  # the caller's thread does flush
+    finally:
+        torch.set_flush_denormal(False)
+    assert same_bits(want[0], got[0])
+    assert same_bits(want[1], got[1])
+    assert same_bits(wg[0], gg[0])
+    assert same_bits(wg[1], gg[1])
+    assert_matches_reference(got[0], x1, x2, 1, 0.0)
+
+
+# --------------------------------------------------------------------------- shapes, strides, sizes
+
+
+@given(
+    hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=1, max_dims=5, max_side=3),
+    st.data(),
+)
+def test_broadcasts_and_transposes(shapes, data) -> None:
+    """Any broadcast and transposed/reversed storage: equal to the contiguous computation."""
+    rng = np.random.default_rng(0)
+    full = shapes.result_shape
+    dim = data.draw(st.integers(0, len(full) - 1))
+    xs = []
+    for shape in shapes.input_shapes:
+        x = rng.standard_normal(shape).astype(np.float64)
+        perm = data.draw(st.permutations(range(len(shape))))
+        x = np.ascontiguousarray(x.transpose(perm)).transpose(np.argsort(perm))  # same values, permuted strides
+        if x.ndim and data.draw(st.booleans()):
+            x = np.flip(np.flip(x, 0).copy(), 0)
+        xs.append(x)
+    dense = [np.ascontiguousarray(np.broadcast_to(x, full)) for x in xs]
+    out, res = K.forward(*xs, dim, 1e-8)
+    assert_matches_reference(out, *dense, dim, 1e-8)
+    g = rng.standard_normal(out.shape)
+    d1, d2 = K.backward(g, *xs, dim, 1e-8, res)
+    e1, e2 = K.backward(g, *dense, dim, 1e-8)
+    for d, e in ((d1, e1), (d2, e2)):  # other layouts sum in other orders: ulps apart
+        np.testing.assert_allclose(d, e, rtol=1e-12, atol=1e-12 * float(np.max(np.abs(e), initial=0)))
+
+
+def test_fragmented_layout_falls_back_to_copies() -> None:
+    """More unmergeable batch dims than the kernel walks: NeedContiguous, then contiguous copies."""
+    k = K.max_batch_dims() // 2 + 1  # 2k > max_batch_dims batch dims, none mergeable
+    s1 = (2, 1) * k + (5,)
+    s2 = (1, 2) * k + (5,)
+    rng = np.random.default_rng(1)
+    x1, x2 = rng.standard_normal(s1), rng.standard_normal(s2)
+    full = np.broadcast_shapes(s1, s2)
+    strides = [tuple(s // 8 for s in np.broadcast_to(x, full).strides) for x in (x1, x2)]
+    with pytest.raises(K.NeedContiguous):
+        K._test_row_offsets(full, len(full) - 1, strides, 0)
+    out, res = K.forward(x1, x2, -1, 1e-8)
+    assert_matches_reference(out, x1, x2, -1, 1e-8)
+    d1, d2 = K.backward(np.ones(out.shape), x1, x2, -1, 1e-8, res)
+    e1, e2 = K.backward(np.ones(out.shape), *(np.ascontiguousarray(np.broadcast_to(x, full)) for x in (x1, x2)), -1, 1e-8)
+    np.testing.assert_allclose(d1, e1, rtol=1e-14)
+    np.testing.assert_allclose(d2, e2, rtol=1e-14)
+
+
+def test_empty_results_do_no_work() -> None:
+    """An empty result returns at once, even against a huge broadcast partner; n = 0 rows give 0."""
+    huge = np.broadcast_to(np.float32(1), (1, 10**12))
+    t = time.perf_counter()
+    out, res = K.forward(np.ones((0, 1), np.float32), huge, 1, 1e-8)
+    d1, _d2 = K.backward(np.ones(0, np.float32), np.ones((0, 1), np.float32), huge, 1, 1e-8, res)
+    assert time.perf_counter() - t < 1.0
+    assert out.shape == (0,)
+    assert res.shape == (0, 5)
+    assert d1.shape == (0, 10**12)
+    out, res = K.forward(np.ones((4, 0), np.float64), np.ones((4, 0)), 1, 1e-8)
+    assert np.all(out == 0)
+    out, res = K.forward(np.ones((0, 3)), np.ones((0, 3)), 0, 0.0)
+    assert np.all(out == 0)
+    assert out.shape == (3,)
+    assert K.forward(np.float32(2), np.float32(-3), 0, 1e-8)[0].shape == ()
+
+
+def test_long_row_64bit_lengths() -> None:
+    """A row of 2**31 + 8 elements (stride-0 views: no memory): 64-bit loop counters."""
+    n = 2**31 + 8
+    x1 = np.broadcast_to(np.float32(1.5), (n,))
+    x2 = np.broadcast_to(np.float32(-0.25), (n,))
+    out, res = K.forward(x1, x2, 0, 1e-8, nthreads=1)  # float64 sums: exact here
+    assert out == -1.0
+    assert res[1] == math.sqrt(2.25 * n)
+    assert res[2] == math.sqrt(0.0625 * n)
+
+
+@given(
+    st.lists(st.integers(1, 1 << 20), min_size=4, max_size=4),
+    st.lists(st.integers(-(1 << 24), 1 << 24), min_size=4, max_size=4),
+    st.data(),
+)
+def test_row_offsets_past_2_31(sizes, strides, data) -> None:
+    """The row iterator's offsets (64-bit) for > 2**33 rows against a Python model."""
+    sizes[0] = max(sizes[0], (1 << 33) // math.prod(sizes[1:]) + 1)
+    shape = (*sizes, 3)
+    rows = math.prod(sizes)
+    assume(rows * 3 < 1 << 62)  # element counts are signed 64-bit
+    row = data.draw(st.integers(0, rows - 2))
+    full = (*strides, 1)
+    other = (*[s * 3 for s in strides[::-1]], 0)
+    got, nxt = K._test_row_offsets(shape, 4, [full, other], row)
+
+    def model(r: int) -> tuple[int, int]:
+        idx = []
+        for z in reversed(sizes):
+            idx.append(r % z)
+            r //= z
+        idx.reverse()
+        return (sum(i * s for i, s in zip(idx, strides, strict=True)),
+                sum(i * s for i, s in zip(idx, other[:4], strict=True)))
+
+    assert got == model(row)
+    assert nxt == model(row + 1)
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("POLYCOS_NUM_THREADS", raising=False)
+    assert K.num_threads() >= 1
+    assert K.num_threads(3) == 3
+    monkeypatch.setenv("POLYCOS_NUM_THREADS", "5")
+    assert K.num_threads() == 5
+    monkeypatch.setenv("POLYCOS_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="POLYCOS_NUM_THREADS"):
+        K.num_threads()
+    with pytest.raises(ValueError, match="nthreads"):
+        K.num_threads(0)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="supports"):
+        K.forward(np.ones(3, np.int32), np.ones(3, np.int32), 0, 1e-8)
+    with pytest.raises(TypeError, match="one dtype"):
+        K.forward(np.ones(3, np.float32), np.ones(3), 0, 1e-8)
+    with pytest.raises(ValueError, match="broadcast"):
+        K.forward(np.ones((2, 3)), np.ones((4, 3)), 1, 1e-8)
+    with pytest.raises(IndexError):
+        K.forward(np.ones((2, 3)), np.ones((2, 3)), 2, 1e-8)
+    with pytest.raises(TypeError, match="unsupported"):
+        K.forward(np.ones(3, np.float16), np.ones(3, np.float16), 0, 1e-8, acc_dtype=np.float64)
+
+
+def test_pointer_api_matches_numpy_api() -> None:
+    """forward_ptr / backward_ptr (the torch adapter's entry) write what forward / backward return."""
+    rng = np.random.default_rng(4)
+    x1 = rng.standard_normal((6, 40)).astype(np.float32)
+    x2 = rng.standard_normal((1, 40)).astype(np.float32)
+    out, res = K.forward(x1, x2, 1, 1e-8)
+    o = np.empty(6, np.float32)
+    r = np.empty((6, 5), np.float64)
+
+    def op(x: np.ndarray) -> K.Operand:
+        return (x.ctypes.data, x.shape, tuple(s // x.itemsize for s in x.strides))
+
+    K.forward_ptr("float32", "float64", op(x1), op(x2), 1, 1e-8, op(o), r.ctypes.data, 1)
+    assert same_bits(o, out)
+    assert same_bits(r, res)
+    g = np.ones(6, np.float32)
+    d1, d2 = np.empty((6, 40), np.float32), np.empty((6, 40), np.float32)
+    K.backward_ptr("float32", "float64", "float32", op(g), op(x1), op(x2), 1, 1e-8, r.ctypes.data,
+                   op(d1), op(d2), 1)
+    e1, e2 = K.backward(g, x1, x2, 1, 1e-8, res)
+    assert same_bits(d1, e1)
+    assert same_bits(d2, e2)
+
+
+# --------------------------------------------------------------------------- JAX FFI
+
+
+@pytest.fixture(scope="module")
+def jax():
+    jax = pytest.importorskip("jax")
+    K.register_jax()
+    return jax
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_jax_ffi_matches_numpy_bitwise(jax, dtype: str) -> None:
+    """The XLA FFI handlers under jit (and vmap) compute the NumPy path's bits."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(8)
+    a = as_dtype(rng.standard_normal((5, 6, 33)), dtype)
+    b = as_dtype(rng.standard_normal((6, 33)), dtype)
+    acc = K._jax_acc(a.dtype)
+    want_out, want_res = K.forward(a, b, 2, 1e-8, acc_dtype=acc)
+    out, res = jax.jit(lambda x, y: K.jax_forward(x, y, 2, 1e-8))(jnp.asarray(a), jnp.asarray(b))
+    assert same_bits(np.asarray(out), want_out)
+    assert same_bits(np.asarray(res), want_res)
+    g = as_dtype(rng.standard_normal(want_out.shape), dtype)
+    wd = K.backward(g, a, b, 2, 1e-8, want_res)
+    for r in (res, None):
+        d = jax.jit(lambda g_, x, y, rr=r: K.jax_backward(g_, x, y, rr, 2, 1e-8))(jnp.asarray(g), jnp.asarray(a), jnp.asarray(b))
+        assert same_bits(np.asarray(d[0]), wd[0])
+        assert same_bits(np.asarray(d[1]), wd[1])
+    # vmap over the leading axis of x1 only (x2 unbatched: a unit dim, broadcast by the handler)
+    vout, vres = jax.jit(jax.vmap(lambda x: K.jax_forward(x, jnp.asarray(b), 1, 1e-8)))(jnp.asarray(a))
+    assert same_bits(np.asarray(vout), want_out)
+    assert same_bits(np.asarray(vres), want_res)
+    # vmap over the cotangent only (as jacrev does)
+    gs = as_dtype(rng.standard_normal((3, *want_out.shape)), dtype)
+    vd = jax.vmap(lambda g_: K.jax_backward(g_, jnp.asarray(a), jnp.asarray(b), res, 2, 1e-8))(jnp.asarray(gs))
+    for i in range(3):
+        w = K.backward(gs[i], a, b, 2, 1e-8, want_res)
+        assert same_bits(np.asarray(vd[0][i]), w[0])
+        assert same_bits(np.asarray(vd[1][i]), w[1])
+    # normalize_rows
+    nr = jax.jit(lambda x: K.jax_normalize_rows(x, 1e-8))(jnp.asarray(a))
+    wn = K.normalize_rows(a, 1e-8, acc_dtype=acc)
+    for u, v in zip(nr, wn, strict=True):
+        assert same_bits(np.asarray(u), v)
+
+
+def test_jax_ffi_x64(jax) -> None:
+    """With x64 on, float32 accumulates in float64 (as NumPy) and float64 runs too."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(10)
+    with jax.enable_x64(True):
+        for dtype in ("float32", "float64"):
+            a = rng.standard_normal((7, 20)).astype(dtype)
+            b = rng.standard_normal((7, 20)).astype(dtype)
+            out, res = jax.jit(lambda x, y: K.jax_forward(x, y, 0, 0.0))(jnp.asarray(a), jnp.asarray(b))
+            assert res.dtype == np.float64
+            want = K.forward(a, b, 0, 0.0)
+            assert same_bits(np.asarray(out), want[0])
+            assert same_bits(np.asarray(res), want[1])
+
+
+@settings(max_examples=15)
+@given(cases(dtypes=("float32",), min_dims=1, max_side=5))
+def test_jax_ffi_any_broadcast(jax, case) -> None:
+    """Broadcasting inputs of different ranks through the handler: the NumPy bits."""
+    import jax.numpy as jnp
+
+    x1, x2, dim, eps = case
+    want = K.forward(np.ascontiguousarray(x1), np.ascontiguousarray(x2), dim, eps, acc_dtype=K._jax_acc(np.float32))
+    got = jax.jit(lambda x, y: K.jax_forward(x, y, dim, eps))(jnp.asarray(x1), jnp.asarray(x2))
+    assert same_values(np.asarray(got[0]), want[0])
