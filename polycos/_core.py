@@ -82,7 +82,7 @@ Mirrors (places that restate this module; each is tested against it)
   CUDA). The sums are the same sums evaluated in another order; :func:`finish`
   and :func:`grad_elementwise` are reproduced bit for bit
   (``tests/test_kernels_cpu.py``, ``tests/test_cupy_kernels.py``).
-* ``polycos/cupy/_launch.py``: the accumulation dtypes per storage dtype for
+* ``polycos/_kernels/cuda_launch.py``: the accumulation dtypes per storage dtype for
   the CUDA launches (``tests/test_cupy_kernels.py``).
 * ``polycos/_backends/jax.py``: :func:`dots` as one XLA variadic reduce (and
   its compensated variant) for JAX arrays without the CPU kernel

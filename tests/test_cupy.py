@@ -1,4 +1,4 @@
-"""GPU tests of the CuPy backend (``polycos.cupy``): marked ``gpu``, skipped without a GPU.
+"""GPU tests of the CUDA kernels (CuPy arrays and torch CUDA tensors): marked ``gpu``, skipped without a GPU.
 
 Values and gradients against the exact reference and the NumPy core, on
 Hypothesis inputs, every dtype, every launch shape (a thread, 8 lanes, a warp,
@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import polycos
-from polycos.cupy import _launch
+from polycos._kernels import cuda_launch as _launch
 from polycos.testing import (
     assert_matches_reference,
     assert_vjp_matches_reference,
@@ -292,3 +292,31 @@ def test_compute_sanitizer(tool: str, tmp_path) -> None:  # type: ignore[no-unty
     assert out.returncode == 0, log[-4000:]
     assert "done" in out.stdout
     assert "ERROR SUMMARY: 0 errors" in log or "RACECHECK SUMMARY: 0 hazards" in log, log[-4000:]
+
+
+def test_torch_cuda_tensors_run_the_cuda_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch CUDA tensors reach the CUDA kernels through the operators, zero-copy, on torch's stream."""
+    torch = pytest.importorskip("torch")
+    from polycos._backends import cupy as cuda
+
+    calls = []
+    original = cuda.launch_forward
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(a[0])
+        return original(*a, **k)
+
+    monkeypatch.setattr(cuda, "launch_forward", spy)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x1 = torch.randn(300, 130, device="cuda", dtype=dtype, requires_grad=True)
+        x2 = torch.randn(130, device="cuda", dtype=dtype)  # broadcast, stride 0 along rows
+        s = polycos.cosine_similarity(x1, x2, dim=1)
+        assert s.device.type == "cuda"
+        assert s.dtype == dtype
+        assert_matches_reference(s, x1, x2, 1)
+        g = torch.linspace(-1, 1, 300, device="cuda", dtype=dtype)
+        (d1,) = torch.autograd.grad(s, x1, g)
+        ref = polycos.cosine_similarity_vjp(g.cpu(), x1.detach().cpu(), x2.cpu(), 1)[0]
+        torch.testing.assert_close(d1.cpu().float(), ref.float(), rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5,
+                                   atol=1e-3 if dtype in (torch.float16, torch.bfloat16) else 1e-6)
+    assert calls == ["float16", "bfloat16", "float32", "float64"]

@@ -9,7 +9,7 @@
   (G1, G2, G3, G4, G6, gradients). The CUDA-only batch indexing
   (``unravel``/``offset``) is compiled for the host by nvcc and checked past
   2**31 rows.
-* The host launch logic (:mod:`polycos.cupy._launch`): layouts for every
+* The host launch logic (:mod:`polycos._kernels.cuda_launch`): layouts for every
   ``dim`` and broadcast, grid and block sizes, dtype dispatch.
 
 ``nvcc`` must be on PATH for the compile and indexing checks (it is in CI);
@@ -34,7 +34,7 @@ from hypothesis.extra import numpy as hnp
 
 import polycos
 from polycos import _kernels
-from polycos.cupy import _launch
+from polycos._kernels import cuda_launch as _launch
 from polycos.testing import (
     assert_matches_reference,
     assert_vjp_matches_reference,
@@ -54,7 +54,7 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "--fmad=false")
 
 def _kernels_dir() -> Path:
     """The directory of ``cuda.cu`` and ``rows.h`` (as polycos.cupy passes it to NVRTC with -I)."""
-    from polycos.cupy import kernel_source
+    from polycos._backends.cupy import kernel_source
 
     return Path(kernel_source()[1])
 
@@ -522,9 +522,10 @@ def test_call_without_gpu_raises_clear_error() -> None:
     if has_gpu:
         pytest.skip("a GPU is present: the no-GPU error cannot be observed")
     import polycos.cupy
+    from polycos._backends import cupy as cupy_backend
 
     with pytest.raises(RuntimeError, match="needs a working CUDA GPU"):
-        polycos.cupy._kernel(_launch.forward_name("float32", 32))
+        cupy_backend._kernel(_launch.forward_name("float32", 32))
     with pytest.raises(TypeError, match=r"cupy\.ndarray"):
         polycos.cupy.cosine_similarity(np.ones(3), np.ones(3), dim=0)
 

@@ -147,6 +147,12 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
+def _dense(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs as dense tensors of the broadcast shape (the kernels' fallback layout)."""
+    shape = torch.broadcast_shapes(x1.shape, x2.shape)
+    return x1.expand(shape).contiguous(), x2.expand(shape).contiguous()
+
+
 class _CpuKernels:
     """The fused CPU kernel on tensors' memory (pointers and strides; no copies, no NumPy)."""
 
@@ -158,8 +164,9 @@ class _CpuKernels:
         try:
             k.forward_ptr(dtype, acc, _operand(x1), _operand(x2), axis, eps, _operand(out), res.data_ptr(),
                           torch.get_num_threads())
-        except k.NeedContiguous:  # a layout too fragmented to describe: dense copies
-            k.forward_ptr(dtype, acc, _operand(x1.contiguous()), _operand(x2.contiguous()), axis, eps,
+        except k.NeedContiguous:  # a layout too fragmented to describe: dense copies of the broadcast
+            b1, b2 = _dense(x1, x2)
+            k.forward_ptr(dtype, acc, _operand(b1), _operand(b2), axis, eps,
                           _operand(out), res.data_ptr(), torch.get_num_threads())
 
     def backward(self, g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, res: torch.Tensor, axis: int,
@@ -170,7 +177,9 @@ class _CpuKernels:
             k.backward_ptr(*args, _operand(g), _operand(x1), _operand(x2), axis, eps, res.data_ptr(),
                            _operand(d1), _operand(d2), torch.get_num_threads(), g_dtype=_name(g.dtype))
         except k.NeedContiguous:
-            k.backward_ptr(*args, _operand(g.contiguous()), _operand(x1.contiguous()), _operand(x2.contiguous()),
+            b1, b2 = _dense(x1, x2)
+            gd = g.expand(_out_shape(x1, x2, axis)).contiguous()
+            k.backward_ptr(*args, _operand(gd), _operand(b1), _operand(b2),
                            axis, eps, res.data_ptr(), _operand(d1), _operand(d2), torch.get_num_threads(),
                            g_dtype=_name(g.dtype))
 
@@ -187,11 +196,14 @@ class _CpuKernels:
 
 
 def _cuda_kernels() -> Any:
-    try:
-        from polycos.cupy import _torch_bridge
-    except ImportError:
+    """The CUDA kernels for CUDA tensors when CuPy can launch them (else the core in torch ops)."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
         return None
-    return _torch_bridge if _torch_bridge.available() else None
+    from polycos._backends.cupy import TorchCuda
+
+    return TorchCuda() if TorchCuda.available() else None
 
 
 def _native(device: torch.device) -> Any:

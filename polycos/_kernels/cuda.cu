@@ -33,7 +33,7 @@
 //
 // Loaded by polycos/cupy/__init__.py with cupy.RawModule(name_expressions=...)
 // and -I<this directory>; the expressions are listed by
-// polycos.cupy._launch.all_name_expressions().
+// polycos._kernels.cuda_launch.all_name_expressions().
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>

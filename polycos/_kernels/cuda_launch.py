@@ -44,6 +44,7 @@ __all__ = [
     "accumulation_dtype",
     "all_name_expressions",
     "backward_name",
+    "broadcast_shape",
     "broadcast_strides",
     "c_strides",
     "choose_group",
@@ -176,6 +177,18 @@ def c_strides(shape: Sequence[int]) -> tuple[int, ...]:
         out.append(step)
         step *= max(int(d), 1)
     return tuple(reversed(out))
+
+
+def broadcast_shape(shape1: Sequence[int], shape2: Sequence[int]) -> tuple[int, ...]:
+    """The broadcast shape of two (validated) shapes, right-aligned.
+
+    >>> broadcast_shape((3, 1, 5), (4, 1))
+    (3, 4, 5)
+    """
+    n = max(len(shape1), len(shape2))
+    a = (1,) * (n - len(shape1)) + tuple(int(d) for d in shape1)
+    b = (1,) * (n - len(shape2)) + tuple(int(d) for d in shape2)
+    return tuple(y if x == 1 else x for x, y in zip(a, b, strict=True))
 
 
 def broadcast_strides(
