@@ -63,10 +63,12 @@ float64. Two flags follow from the pair: **compensated**
    :math:`c_i = \max(n_{is}, e_i)`, :math:`r_i = 1/c_i`,
    :math:`t_i = [n_{is} > e_i]\,s`, :math:`u_i = g\,r_i` (0 where
    :math:`c_i = 0`), :math:`h_i = (a_i / m_i)\,r_i`, and
-   :math:`\bar x_1 = u_1 (h_2 - t_1 h_1) / m_1`, :math:`\bar x_2 = u_2 (h_1 - t_2 h_2) / m_2`,
-   rounded to ``T`` once. :math:`|h_i| \le 1` and the scale comes last, so
-   nothing overflows or underflows unless the gradient itself does (not
-   :math:`g / c` alone: parallel rows of tiny norm have a zero gradient).
+   :math:`\bar x_1 = u_1 \big((h_2 - t_1 h_1) / m_1\big)`, :math:`\bar x_2 = u_2 \big((h_1 - t_2 h_2) / m_2\big)`,
+   rounded to ``T`` once. :math:`|h_i| \le 1`, and the bracket (at most 2)
+   is divided by the scale (at least the smallest normal number) before
+   :math:`u_i` multiplies it, so nothing overflows or underflows unless the
+   gradient itself does (not :math:`g / c` alone: parallel rows of tiny norm
+   have a zero gradient).
 
 NaN and inf: the clamp and the maximum keep NaN, ``0/0`` becomes ``0`` only
 where a denominator is exactly zero, so a NaN or inf in a row gives NaN in that
@@ -173,6 +175,18 @@ def accumulation_dtype(xp: Any, dtype: Any, like: Array | None = None) -> Any:
     return dtype
 
 
+def _eps_for(xp: Any, acc: Any, eps: float) -> float:
+    """``eps`` as the accumulation dtype holds it: at most its largest finite value.
+
+    ``eps = 1e300`` is valid; in a float32 accumulation it would be ``inf``, and
+    making it a constant would overflow (an error on torch, a warning on JAX).
+    At most ``finfo.max`` it stays finite, with the same results. The kernels
+    clamp the same way (``eps_for`` in ``cpu.cpp``).
+    """
+    top = float(xp.finfo(acc).max)
+    return eps if eps < top else top
+
+
 def is_compensated(dtype: Any, acc: Any) -> bool:
     """Nothing wider than ``dtype`` to accumulate in: the sums are compensated (Dot2)."""
     return _dtype_name(acc) == _dtype_name(dtype)
@@ -233,6 +247,11 @@ def _broadcast(x1: Array, x2: Array) -> tuple:
     return tuple(b if a == 1 else a for a, b in zip(x1.shape, x2.shape, strict=True))
 
 
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Equal shapes; an unknown (dask NaN) size equals an unknown size in the same place."""
+    return len(a) == len(b) and all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+
+
 def _has_no_rows(shape: tuple) -> bool:
     """A known size 0 somewhere (unknown dask sizes are NaN or None: not known)."""
     return any(isinstance(d, int) and d == 0 for d in shape)
@@ -280,6 +299,7 @@ def _row_scale(xp: Any, a: Array, axis: int, eps: float) -> Array:
     m = xp.max(xp.abs(a), axis=axis, keepdims=True)
     ok = (m > 0) & (m < float("inf"))
     info = xp.finfo(a.dtype)
+    eps = _eps_for(xp, a.dtype, eps)
     by_eps = xp.full_like(m, eps) / (float(info.max) ** 0.5 / 4)  # in a's dtype, as the kernels compute it
     floor = xp.maximum(by_eps, xp.full_like(m, float(info.smallest_normal)))
     return xp.where(ok, xp.maximum(m, floor), xp.ones_like(m))
@@ -298,7 +318,7 @@ def _divide_by_row_max(xp: Any, eps: float) -> Scale:
 def sum_to_shape(xp: Any, x: Array, shape: tuple) -> Array:
     """Sum ``x`` over the axes along which an input of ``shape`` was broadcast."""
     shape = tuple(shape)
-    if tuple(x.shape) == shape:
+    if _same_shape(tuple(x.shape), shape):
         return x
     if _has_no_rows(tuple(x.shape)):  # an empty sum: zeros, without a pass over the partner's shape
         return _zeros(xp, shape, x.dtype, x)
@@ -571,6 +591,7 @@ def forward(
     """
     x1, x2 = _align(xp, x1, x2, axis)
     acc = accumulation_dtype(xp, x1.dtype, x1)
+    eps = _eps_for(xp, acc, eps)
     keep = _keepdims_shape(_broadcast(x1, x2), axis)
     if _has_no_rows(keep):  # nothing to compute, and nothing proportional to a broadcast partner
         zero = _zeros(xp, keep, acc, x1)
@@ -603,7 +624,7 @@ def unpack_residuals(xp: Any, packed: Array, axis: int) -> Residuals:
 
 
 class GradCoefficients(NamedTuple):
-    """Per-row scalars of the VJP: ``d1 = u1 (h2 - t1 h1) / m1`` with ``h = (a / m) r`` (and 1 <-> 2)."""
+    """Per-row scalars of the VJP: ``d1 = u1 ((h2 - t1 h1) / m1)`` with ``h = (a / m) r`` (and 1 <-> 2)."""
 
     u1: Array  #: g / c1 (0 where c1 == 0), c1 in units of m1
     u2: Array  #: g / c2
@@ -642,7 +663,7 @@ def grad_coefficients(
 def grad_elementwise(
     xp: Any, a1: Array, a2: Array, k: GradCoefficients, *, rescaled: bool
 ) -> tuple[Array, Array]:
-    """Step 4's elementwise pass, in the accumulation dtype: ``d1 = u1 (h2 - t1 h1) / m1`` and 1 <-> 2.
+    """Step 4's elementwise pass, in the accumulation dtype: ``d1 = u1 ((h2 - t1 h1) / m1)`` and 1 <-> 2.
 
     ``h = (a / m) r`` is bounded by 1 in magnitude and the row scale is applied
     last, so nothing overflows or underflows unless the gradient itself does
@@ -653,7 +674,9 @@ def grad_elementwise(
         h1, h2 = a1 * k.r1, a2 * k.r2
         return k.u1 * (h2 - k.t1 * h1), k.u2 * (h1 - k.t2 * h2)
     h1, h2 = (a1 / k.m1) * k.r1, (a2 / k.m2) * k.r2
-    return (k.u1 * (h2 - k.t1 * h1)) / k.m1, (k.u2 * (h1 - k.t2 * h2)) / k.m2
+    # The bracket (|.| <= 2) over m (>= the smallest normal: no overflow) before u multiplies
+    # it: u * bracket could underflow first where the gradient itself is a normal number.
+    return k.u1 * ((h2 - k.t1 * h1) / k.m1), k.u2 * ((h1 - k.t2 * h2) / k.m2)
 
 
 def vjp(
@@ -686,6 +709,7 @@ def vjp(
             xp, x1, x2, axis, eps, eager=eager, native_dots=native_dots, branch=branch
         )
     acc = residuals.s.dtype
+    eps = _eps_for(xp, acc, eps)
     rescaled = is_rescaled(x1.dtype, acc)
     gk = _expand_to(xp, xp.expand_dims(g, axis=axis), ndim) if g.ndim == ndim - 1 else g
     k = grad_coefficients(xp, gk, residuals, eps, rescaled=rescaled)
@@ -748,6 +772,7 @@ def jvp_accumulated(
     if residuals is None:
         _, residuals = forward(xp, x1, x2, axis, eps, eager=eager, native_dots=native_dots)
     acc = residuals.s.dtype
+    eps = _eps_for(xp, acc, eps)
     rescaled = is_rescaled(x1.dtype, acc)
     k = grad_coefficients(xp, xp.ones_like(residuals.s), residuals, eps, rescaled=rescaled)
     x1a, x2a = _align(xp, x1, x2, axis)
@@ -799,6 +824,7 @@ def normalize_rows(xp: Any, x: Array, eps: float, *, scale: Scale | None = None)
     Mirrored by the pairwise row normalisation of ``polycos/_kernels/rows.h``.
     """
     acc = accumulation_dtype(xp, x.dtype, x)
+    eps = _eps_for(xp, acc, eps)
     axis = x.ndim - 1
     a = xp.astype(x, acc, copy=False)
     m = None
@@ -923,6 +949,7 @@ def row_normalize_vjp(xp: Any, r: RowNorms, v: Array, eps: float, h: Array | Non
     (``r.xhat`` cast by the caller; the accumulation dtype by default), the
     row scale applied last (G3).
     """
+    eps = _eps_for(xp, r.cs.dtype, eps)
     h = r.xhat if h is None else h
     v = xp.astype(v, h.dtype, copy=False)
     proj = xp.expand_dims(xp.vecdot(h, v, axis=-1), axis=h.ndim - 1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import decimal
 import math
 import numbers
-import sys
 from typing import Any
 
 from polycos import _backends, _outer
@@ -103,9 +102,14 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def _traced(value: Any) -> bool:
-    """A value traced by ``jax.jit`` (a JAX tracer): its number is unknown while polycos plans the call."""
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(value, jax.core.Tracer)
+    """A 0-d numeric array whose number is not known yet (a JIT's tracer): converting it fails."""
+    if getattr(value, "shape", None) != () or not any(k in str(getattr(value, "dtype", "")) for k in ("float", "int")):
+        return False
+    try:
+        float(value)
+    except Exception:
+        return True
+    return False
 
 
 def normalize_axis(axis: Any, ndim: int, *, name: str = "dim", shape: tuple = ()) -> int:
@@ -113,8 +117,8 @@ def normalize_axis(axis: Any, ndim: int, *, name: str = "dim", shape: tuple = ()
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         if _traced(axis):
             raise TypeError(
-                f"{name} must be a Python int, got a value traced by jax.jit ({_short(axis)}); "
-                f"pass {name} as a static argument (static_argnames) or close over it"
+                f"{name} must be a Python int, got a traced value with no number yet ({_short(axis)}); "
+                f"under a JIT (jax.jit) pass {name} as a static argument (static_argnames) or close over it"
             )
         raise TypeError(f"{name} must be an int, got {_short(axis)} of type {type(axis).__name__}")
     axis = int(axis)
@@ -154,15 +158,15 @@ def check_eps(eps: Any) -> float:
         dtype = str(getattr(eps, "dtype", ""))
         if "complex" in dtype or "bool" in dtype:
             raise TypeError(f"eps must be a real number, got {_short(eps)} of dtype {dtype}")
-        if _traced(eps):
-            raise TypeError(
-                f"eps must be a concrete number, got a value traced by jax.jit ({_short(eps)}); "
-                "pass eps as a static argument (static_argnames) or close over it"
-            )
         if getattr(eps, "requires_grad", False):
             raise TypeError(
                 f"eps is a tensor that requires grad ({_short(eps)}); polycos treats eps as a "
                 "constant, so no gradient would reach it: pass float(eps.detach())"
+            )
+        if _traced(eps):
+            raise TypeError(
+                f"eps must be a concrete number, got a traced value with no number yet ({_short(eps)}); "
+                "under a JIT (jax.jit) pass eps as a static argument (static_argnames) or close over it"
             )
         try:
             eps = float(eps)

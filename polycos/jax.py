@@ -20,7 +20,7 @@ Examples
 Array([[ 0.0916, -0.0458],
        [ 0.012 , -0.009 ]], dtype=float32)
 >>> jax.jvp(lambda a: cosine_similarity(a, b), (a,), (jnp.ones_like(a),))[1].round(4)
-Array([-0.0458, -0.0027], dtype=float32)
+Array([0.0458, 0.003 ], dtype=float32)
 """
 
 from __future__ import annotations

@@ -1,170 +1,295 @@
-"""``polycos bench``: runs on a tiny size, writes schema-valid JSON and a PNG, rejects bad arguments."""
+"""``polycos bench``: the command's output, the machine floor per thread count, the targets logic.
+
+Nothing here times anything for its own sake: one subprocess run of the
+command at tiny sizes (one child process per thread count, as users run it)
+feeds most tests; the rest check arguments, planning and the targets on
+synthetic records. Well under a minute on 2 cores.
+"""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from polycos import _backends
 from polycos.bench import cli
+from polycos.bench._run import (
+    Config,
+    default_threads,
+    plan,
+    reference_threads,
+    run,
+    thread_env,
+    usable_cpus,
+)
 from polycos.bench._schema import validate
-from polycos.bench._targets import check
-from polycos.bench._timing import median_ratio
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = [
-    "--sizes",
-    "64x8",
-    "--pairwise-sizes",
-    "8x4",
-    "--repeat",
-    "2",
-    "--min-time",
-    "0.0001",
-    "--no-progress",
-]
+from polycos.bench._suites import io_shapes, model_bytes, subject_names
+from polycos.bench._targets import REFERENCE_SHAPE, check, gate
+from polycos.bench._timing import floor_samples, median_ratio
 
 pytest.importorskip("rich")
 
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = ["--sizes", "64x8", "--pairwise-sizes", "8x4", "--repeat", "2", "--min-time", "0.0002",
+        "--no-compile", "--no-progress"]
+INSTALLED = _backends.installed()
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
 
 @pytest.fixture(scope="module")
-def numpy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    """One in-process run on NumPy (row-wise ops), with JSON and plot."""
+def command_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    """``python -m polycos bench`` in a fresh interpreter: NumPy, torch and JAX, threads 1 and all.
+
+    (dask and array-api-strict are slow to time even at tiny sizes; their cases are
+    built and called once in :func:`test_backends_without_a_driver_are_measured`.)
+    """
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("bench")
-    code = cli.main(
-        [
-            "bench",
-            "--backends",
-            "numpy",
-            "--ops",
-            "forward,forward+backward",
-            *TINY,
-            "--json",
-            str(out / "r.json"),
-            "--plot",
-            str(out / "r.png"),
-        ]
+    backends = [b for b in ("numpy", "torch", "jax") if b in INSTALLED]
+    proc = subprocess.run(
+        [sys.executable, "-m", "polycos", "bench", "--backends", ",".join(backends),
+         "--threads", "1,all", "--ops", "forward,pairwise+backward", *TINY, "--json", str(out / "r.json"), "--plot", str(out / "r.png")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "COLUMNS": "200"},
     )
-    assert code == 0
-    return json.loads((out / "r.json").read_text()), out
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "r.json").read_text()), proc.stdout, out
 
 
-def test_json_matches_schema(numpy_run: tuple[dict, Path]) -> None:
-    doc, _ = numpy_run
+def _cases(doc: dict[str, Any]) -> set[tuple]:
+    return {(r["threads_setting"], r["op"], tuple(r["shape"]), r["dtype"]) for r in doc["results"]}
+
+
+# --------------------------------------------------------------------------- the command's output
+
+
+def test_json_matches_schema(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    doc, _, _ = command_run
     assert validate(doc) == []
-    assert doc["config"]["sizes"] == [[64, 8]]
-    assert doc["config"]["backends"] == ["numpy"]
+    assert doc["schema"] == "polycos-bench/2"
+    assert doc["config"]["rowwise"] == [[64, 8, "float32"]]
+    assert doc["config"]["pairwise"] == [[8, 8, 4, "float32"]]
+    assert doc["errors"] == []
 
 
-def test_records_cover_subject_peer_and_floor(numpy_run: tuple[dict, Path]) -> None:
-    doc, _ = numpy_run
-    for op in ("forward", "forward+backward"):
-        recs = {r["kind"]: r for r in doc["results"] if r["op"] == op}
-        assert set(recs) == {"polycos", "peer", "floor"}, op
-        subject, floor = recs["polycos"], recs["floor"]
-        assert subject["name"] == "numpy"
-        assert subject["shape"] == [64, 8]
-        assert floor["x_floor"] == pytest.approx(1.0)
-        assert subject["x_floor"] > 0
-        assert set(subject["speedup"]) == {"numpy naive"}
-        assert subject["speedup"]["numpy naive"] > 0
-        assert len(subject["times_s"]) == 2
-        # bytes: 2 inputs read + 1 output written (forward), 4 N*D arrays + 2 N vectors (fwd+bwd)
-        expected = 4 * (2 * 64 * 8 + 64) if op == "forward" else 4 * (4 * 64 * 8 + 2 * 64)
-        assert subject["bytes"] == expected
-        assert subject["gbps"] == pytest.approx(expected / subject["median_s"] / 1e9)
+def test_schema_rejects_broken_documents(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    doc, _, _ = command_run
+    for mutate in (
+        lambda d: d["results"][0].pop("median_s"),
+        lambda d: d["results"][0].pop("threads"),
+        lambda d: d["results"][0].update(kind="mystery"),
+        lambda d: d["results"][0].update(threads=0),
+        lambda d: d["config"].update(repeat=0),
+        lambda d: d.update(schema="polycos-bench/1"),
+        lambda d: d["targets"][0].update(status="almost"),
+    ):
+        broken = copy.deepcopy(doc)
+        mutate(broken)
+        assert validate(broken), mutate
 
 
-def test_pairwise_skipped_or_measured_with_a_note(numpy_run: tuple[dict, Path]) -> None:
-    doc, _ = numpy_run
-    assert all(r["op"] in ("forward", "forward+backward") for r in doc["results"])
-    assert not any(s["op"] in ("pairwise", "pairwise+backward") for s in doc["skipped"])
+def test_one_floor_per_case_and_thread_count(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    """The machine's floor, not a library's: one per case and thread count, from every installed library."""
+    doc, _, _ = command_run
+    cases = _cases(doc)
+    assert {c[0] for c in cases} == {"1", "all"}
+    assert {c[1] for c in cases} == {"forward", "pairwise+backward"}
+    for case in cases:
+        recs = [r for r in doc["results"]
+                if (r["threads_setting"], r["op"], tuple(r["shape"]), r["dtype"]) == case]
+        floors = [r for r in recs if r["kind"] == "floor"]
+        assert len(floors) == 1, case
+        floor = floors[0]
+        assert floor["backend"] is None
+        assert floor["x_floor"] == 1.0
+        reads = {r["name"] for r in recs if r["kind"] == "floor-read"}
+        writes = {r["name"] for r in recs if r["kind"] == "floor-write"}
+        assert set(floor["floor_parts"]["read"]) == reads
+        assert set(floor["floor_parts"]["write"]) == writes
+        assert {"numpy.sum"} | ({"torch.sum"} if "torch" in INSTALLED else set()) | (
+            {"jnp.sum (jit)"} if "jax" in INSTALLED else set()) == reads, case
+        assert {"ndarray.fill", "np.copyto"} | (
+            {"torch.Tensor.fill_"} if "torch" in INSTALLED else set()) == writes, case
+        # the floor of a round is its fastest reader plus its fastest writer: never above any pair
+        best_read = min(r["median_s"] for r in recs if r["kind"] == "floor-read")
+        best_write = min(r["median_s"] for r in recs if r["kind"] == "floor-write")
+        assert floor["median_s"] <= (best_read + best_write) * 1.0001
+        # every subject of the case is measured against this floor
+        for r in recs:
+            if r["kind"] in ("polycos", "peer"):
+                assert r["x_floor"] is not None
+                assert r["x_floor"] > 0
+                assert r["bytes"] == floor["bytes"]
 
 
-def test_png_written(numpy_run: tuple[dict, Path]) -> None:
-    _, out = numpy_run
+def test_records_carry_the_thread_count(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    doc, out, _ = command_run
+    runs = {r["threads_setting"]: r for r in doc["runs"]}
+    assert set(runs) == {"1", "all"}
+    assert runs["1"]["threads"] == 1
+    assert runs["all"]["threads"] == usable_cpus()
+    assert runs["1"]["env"]["POLYCOS_NUM_THREADS"] == "1"
+    assert runs["all"]["env"]["POLYCOS_NUM_THREADS"] == str(usable_cpus())
+    if "torch" in INSTALLED:
+        assert runs["1"]["threads_by_library"]["torch"] == 1
+    for r in doc["results"]:
+        assert r["threads"] == runs[r["threads_setting"]]["threads"]
+    for s in doc["skipped"]:
+        assert s["threads_setting"] in runs
+    for t in doc["targets"]:
+        assert t["threads_setting"] in runs
+    # every table says its thread count
+    assert "threads = 1;" in out
+    assert f"threads = {usable_cpus()} (all" in out
+
+
+def test_subjects_come_from_the_registry(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    doc, _, _ = command_run
+    subjects = {(r["name"], r["backend"]) for r in doc["results"] if r["kind"] == "polycos"}
+    backends = {b for _, b in subjects}
+    assert backends == {b for b in ("numpy", "torch", "jax") if b in INSTALLED}
+    # pairwise ops also time the outer-product broadcast through the public API
+    pw = {r["name"] for r in doc["results"] if r["kind"] == "polycos" and r["op"] == "pairwise+backward"}
+    assert "numpy broadcast" in pw
+    assert "numpy" in pw
+    # every registry backend with something to import is a subject name the command accepts
+    names = subject_names()
+    for entry in _backends.ENTRIES:
+        if entry.requires:
+            assert entry.name in names
+
+
+def _expected_peers() -> dict[str, set[str]]:
+    expected = {
+        "forward": {"numpy normalise+dot"},
+        "forward+backward": {"numpy normalise+dot"},
+        "pairwise": {"normalise+matmul (numpy)"},
+        "pairwise+backward": {"normalise+matmul (numpy)"},
+    }
+    if "torch" in INSTALLED:
+        for op in ("forward", "forward+backward"):
+            expected[op] |= {"F.cosine_similarity", "torch.compile(F.cosine_similarity)"}
+        for op in ("pairwise", "pairwise+backward"):
+            expected[op] |= {"normalise+matmul (torch)", "F.cosine_similarity broadcast"}
+    if "jax" in INSTALLED:
+        for op in ("pairwise", "pairwise+backward"):
+            expected[op].add("normalise+matmul (jax)")
+        if _has("optax"):
+            for op in ("forward", "forward+backward"):
+                expected[op].add("optax.cosine_similarity")
+    if _has("sklearn"):
+        expected["pairwise"].add("sklearn cosine_similarity")
+    return expected
+
+
+@pytest.mark.parametrize("op", ["forward", "forward+backward", "pairwise", "pairwise+backward"])
+def test_peers_present_where_installed(op: str) -> None:
+    """Each installed library's peers are built (nothing is called: no compilation here)."""
+    from polycos.bench._suites import build_case
+
+    shape = (16, 4) if op in ("forward", "forward+backward") else (6, 6, 4)
+    subjects = [s for s in ("numpy", "torch", "torch-compile", "jax") if s.split("-")[0] in INSTALLED]
+    case = build_case(op, shape, "float32", subjects, compile=True)
+    peers = {c.name: c for c in case.candidates if c.kind == "peer"}
+    assert _expected_peers()[op] <= set(peers), (set(peers), case.notes)
+    polycos_names = {c.name for c in case.candidates if c.kind == "polycos"}
+    expected = set(subjects)
+    if op.startswith("pairwise"):  # the outer-product broadcast too (eager and jit)
+        expected |= {f"{s} broadcast" for s in subjects if s != "torch-compile"}
+    assert polycos_names == expected, case.notes
+
+
+def test_speedups_are_over_the_subjects_own_peers(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    doc, _, _ = command_run
+    names = {r["name"] for r in doc["results"] if r["kind"] == "peer" and r["op"] == "forward"}
+    assert _expected_peers()["forward"] - {"torch.compile(F.cosine_similarity)"} <= names
+    for r in doc["results"]:
+        if r["kind"] == "polycos" and r["backend"] == "numpy" and r["op"] == "forward":
+            assert set(r["speedup"]) == {"numpy normalise+dot"}
+            assert r["speedup"]["numpy normalise+dot"] > 0
+        if r["kind"] == "polycos" and r["name"] == "torch" and r["op"] == "forward":
+            assert set(r["speedup"]) == {"F.cosine_similarity"}
+        if r["kind"] == "polycos" and r["name"] == "jax" and r["op"] == "forward" and _has("optax"):
+            assert set(r["speedup"]) == {"optax.cosine_similarity"}
+
+
+@pytest.mark.parametrize("backend", ["dask", "array_api_strict"])
+def test_backends_without_a_driver_are_measured(backend: str) -> None:
+    """Registry backends the bench knows nothing special about run through the public API."""
+    if backend not in INSTALLED:
+        pytest.skip(f"{backend} is not installed")
+    import numpy as np
+
+    from polycos.bench._suites import build_case
+
+    ops = [("forward", (16, 4)), ("forward+backward", (16, 4)), ("pairwise+backward", (6, 5, 4))]
+    be = _backends.get(backend)
+    for op, shape in ops if backend != "dask" else ops[:2]:  # dask's pairwise graph is slow to run
+        case = build_case(op, shape, "float32", [backend], compile=False)
+        subjects = {c.name: c for c in case.candidates if c.kind == "polycos"}
+        expected = {backend, f"{backend} broadcast"} if op.startswith("pairwise") else {backend}
+        assert set(subjects) == expected, case.notes
+        assert {c.backend for c in subjects.values()} == {backend}
+        assert {c.kind for c in case.candidates} >= {"floor-read", "floor-write"}
+        for c in subjects.values():  # lazy results are materialised: NumPy arrays come back
+            outs = c.fn()
+            assert outs
+            assert all(isinstance(o, np.ndarray) if be.lazy else be.owns(o) for o in outs)
+    if backend == "dask":
+        case = build_case("forward", (16, 4), "float32", ["dask"], compile=False)
+        assert "dask normalise+dot" in {c.name for c in case.candidates if c.kind == "peer"}
+
+
+def test_bytes_and_gbps(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    doc, _, _ = command_run
+    for r in doc["results"]:
+        if r["kind"] == "polycos" and r["name"] == "numpy":
+            if r["op"] == "forward":
+                n, d = r["shape"]
+                elements = 2 * n * d + n
+            else:  # pairwise+backward reads x1, x2 twice (forward, then backward), G once
+                n, m, d = r["shape"]
+                elements = 2 * (n + m) * d + n * m + n * m + (n + m) * d
+            assert r["bytes"] == 4 * elements
+            assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9, rel=1e-4)  # 6 digits kept
+            assert len(r["times_s"]) >= 1
+            assert r["number"] >= 1
+
+
+def test_plot_written(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    _, _, out = command_run
     data = (out / "r.png").read_bytes()
     assert data.startswith(PNG_SIGNATURE)
-    assert len(data) > 1000
+    assert len(data) > 10_000
 
 
-def test_schema_rejects_broken_documents(numpy_run: tuple[dict, Path]) -> None:
-    doc, _ = numpy_run
-    broken = copy.deepcopy(doc)
-    del broken["results"][0]["median_s"]
-    assert any("median_s" in e for e in validate(broken))
-    broken = copy.deepcopy(doc)
-    broken["results"][0]["kind"] = "mystery"
-    assert validate(broken)
-    broken = copy.deepcopy(doc)
-    broken["config"]["repeat"] = 0
-    assert validate(broken)
-    broken = copy.deepcopy(doc)
-    broken["schema"] = "polycos-bench/0"
-    assert validate(broken)
+def test_targets_in_the_document(command_run: tuple[dict[str, Any], str, Path]) -> None:
+    doc, _, _ = command_run
+    assert doc["reference_threads"] == reference_threads()
+    gating = [t for t in doc["targets"] if t["gate"]]
+    assert gating
+    assert {t["threads_setting"] for t in gating} == {reference_threads()}
+    by_label = {t["label"]: t for t in gating}
+    # 64 x 8 rows are not the targets' D = 256 or 16, and 8 x 8 pairwise is below 32 x 32
+    assert by_label["NumPy forward"]["status"] == "not measured"
+    assert by_label["NumPy pairwise fwd+bwd"]["status"] == "not measured"
+    if "jax" in INSTALLED and _has("optax"):  # speed-ups are judged at the largest size of the D
+        assert by_label["JAX forward vs optax"]["status"] == "not measured"
 
 
-def test_subprocess_python_m_polycos(tmp_path: Path) -> None:
-    """``python -m polycos bench`` works as a command (fresh interpreter), NumPy only."""
-    env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "polycos",
-            "bench",
-            "--backends",
-            "numpy",
-            "--ops",
-            "forward",
-            *TINY,
-            "--json",
-            str(tmp_path / "s.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "polycos numpy" in proc.stdout
-    assert "floor" in proc.stdout
-    doc = json.loads((tmp_path / "s.json").read_text())
-    assert validate(doc) == []
-    assert {r["kind"] for r in doc["results"]} == {"polycos", "peer", "floor"}
-
-
-def test_torch_suite_runs_if_installed(tmp_path: Path) -> None:
-    """The torch suite builds and times its eager peers (polycos.torch if it exists)."""
-    pytest.importorskip("torch")
-    code = cli.main(
-        [
-            "bench",
-            "--backends",
-            "torch",
-            "--ops",
-            "forward",
-            *TINY,
-            "--json",
-            str(tmp_path / "t.json"),
-        ]
-    )
-    assert code == 0
-    doc = json.loads((tmp_path / "t.json").read_text())
-    assert validate(doc) == []
-    names = {r["name"] for r in doc["results"]}
-    skipped = " ".join(s["reason"] for s in doc["skipped"])
-    assert "torch" in names or "torch" in skipped
-    if "torch" in names:
-        assert "F.cosine_similarity" in names
-        assert "floor" in names
+# --------------------------------------------------------------------------- arguments
 
 
 @pytest.mark.parametrize(
@@ -178,6 +303,9 @@ def test_torch_suite_runs_if_installed(tmp_path: Path) -> None:
         (["--dtypes", "float128"], "--dtypes", "float128"),
         (["--repeat", "0"], "--repeat", "0"),
         (["--repeat", "many"], "--repeat", "many"),
+        (["--threads", "0"], "--threads", "0"),
+        (["--threads", "1,some"], "--threads", "some"),
+        (["--min-time", "-1"], "--min-time", "-1"),
         (["--json", "/nonexistent-dir/x.json"], "--json", "/nonexistent-dir"),
         (["--plot", "plot.svg"], "--plot", "plot.svg"),
     ],
@@ -200,56 +328,153 @@ def test_no_subcommand_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "COMMAND" in capsys.readouterr().err
 
 
-def test_median_ratio_is_per_round() -> None:
-    # A drifting machine: every sample doubles from round to round; the ratio stays 3.
-    assert median_ratio([3.0, 6.0, 12.0], [1.0, 2.0, 4.0]) == 3.0
-    assert median_ratio([3.0, None, 12.0], [1.0, 2.0, 4.0]) == 3.0
+def test_targets_script_rejects_bad_arguments() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_cpu_targets.py"), "--threads", "x"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "argument --threads" in proc.stderr
+    assert "'x'" in proc.stderr
 
 
-def test_targets_check_met_and_missed() -> None:
-    recs = [
-        {
-            "name": "numpy",
-            "kind": "polycos",
-            "op": "forward",
-            "dtype": "float32",
-            "shape": [8, 4],
-            "x_floor": 2.9,
-            "speedup": {},
-        },
-        {
-            "name": "numpy",
-            "kind": "polycos",
-            "op": "forward",
-            "dtype": "float32",
-            "shape": [64, 4],
-            "x_floor": 3.1,
-            "speedup": {},
-        },
-        {
-            "name": "torch",
-            "kind": "polycos",
-            "op": "forward+backward",
-            "dtype": "float32",
-            "shape": [64, 4],
-            "x_floor": 1.0,
-            "speedup": {"F.cosine_similarity": 12.0},
-        },
+def test_default_threads_and_grid() -> None:
+    assert default_threads(2) == ["1"]
+    assert default_threads(1) == ["1"]
+    assert default_threads(8) == ["all"]
+    args = cli.build_parser().parse_args(["bench", "--threads", "all,1,all"])
+    assert args.threads == ["all", "1"]
+    args = cli.build_parser().parse_args(["bench", "--sizes", "100x4", "--dtypes", "float32,float64"])
+    rowwise, _ = cli.grid(args)
+    assert rowwise == [(100, 4, "float32"), (100, 4, "float64")]
+    args = cli.build_parser().parse_args(["bench"])
+    rowwise, pairwise = cli.grid(args)
+    assert (*REFERENCE_SHAPE, "float32") in rowwise
+    assert (524288, 16, "float32") in rowwise
+    assert (*REFERENCE_SHAPE, "float64") in rowwise
+    assert [p[0] for p in pairwise if p[3] == "float32"] == [32, 64, 128, 256, 512, 1024, 2048, 4096]
+    assert {p[3] for p in pairwise} == {"float32", "float64"}
+
+
+def test_quick_plan_compiles_once_per_op() -> None:
+    args = cli.build_parser().parse_args(["bench", "--quick"])
+    config = cli.config_from_args(args, ["bench", "--quick"])
+    cases = plan(config)
+    compiled = [(op, shape) for dev, op, shape, dtype, comp in cases if comp and dev == "cpu"]
+    assert compiled == [("forward", (16384, 256)), ("forward+backward", (16384, 256))]
+    assert len({shape for _, op, shape, _, _ in cases if op == "forward"}) >= 2  # a line, not a point
+
+
+def test_thread_environment() -> None:
+    env = thread_env("1", {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true --xla_dump_to=/x"})
+    for var in ("POLYCOS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        assert env[var] == "1"
+    assert env["XLA_FLAGS"].split() == [
+        "--xla_dump_to=/x", "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"
     ]
-    rows = {r["label"]: r for r in check(recs)}
-    assert rows["NumPy forward"]["status"] == "missed"  # the largest size counts
-    assert rows["NumPy forward"]["shape"] == [64, 4]
-    assert rows["torch fwd+bwd vs F.cosine_similarity"]["status"] == "met"
-    assert rows["torch eager forward + backward"]["status"] == "met"
-    assert rows["JAX jit forward"]["status"] == "not measured"
+    env = thread_env("all", {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "POLYCOS_NUM_THREADS": "1"})
+    assert env["POLYCOS_NUM_THREADS"] == str(usable_cpus())
+    assert "XLA_FLAGS" not in env
+
+
+def test_a_failed_child_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` command")
+    monkeypatch.setattr(sys, "executable", false)  # the child exits 1 at once
+    config = Config(backends=["numpy"], ops=["forward"], rowwise=[(8, 4, "float32")], pairwise=[],
+                    threads=["1"], repeat=1, min_time=0.0001)
+    doc = run(config)
+    assert doc["errors"]
+    assert "threads=1" in doc["errors"][0]
+    assert doc["results"] == []
+    assert any("failed" in s["reason"] for s in doc["skipped"])
+    assert validate(doc) == []
 
 
 def test_import_polycos_bench_is_light() -> None:
     code = (
-        "import sys, polycos, polycos.bench, polycos.bench.cli; "
-        "heavy = [m for m in ('torch', 'jax', 'cupy', 'dask', 'matplotlib', 'sklearn') if m in sys.modules]; "
-        "print(heavy)"
+        "import sys, polycos, polycos.bench, polycos.bench.cli, polycos.bench._run, "
+        "polycos.bench._targets, polycos.bench._schema; polycos.bench.cli.build_parser(); "
+        "heavy = [m for m in ('torch', 'jax', 'cupy', 'dask', 'matplotlib', 'sklearn', 'optax') "
+        "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- model, timing, targets
+
+
+def test_byte_model_counts_the_second_read() -> None:
+    reads, writes = io_shapes("forward+backward", (10, 3))
+    assert reads == [(10, 3), (10, 3), (10,), (10, 3), (10, 3)]
+    assert writes == [(10,), (10, 3), (10, 3)]
+    assert model_bytes("forward+backward", (10, 3), 8) == 8 * (6 * 30 + 2 * 10)
+    assert model_bytes("pairwise+backward", (4, 5, 3), 4) == 4 * (2 * (12 + 15) + 20 + 20 + 12 + 15)
+
+
+def test_floor_and_ratios_are_per_round() -> None:
+    # A drifting machine: every sample doubles from round to round; the ratio stays 3.
+    assert median_ratio([3.0, 6.0, 12.0], [1.0, 2.0, 4.0]) == 3.0
+    assert median_ratio([3.0, None, 12.0], [1.0, 2.0, 4.0]) == 3.0
+    # per round: the fastest reader plus the fastest writer, whichever library they are
+    assert floor_samples([[2.0, 1.0, 5.0], [1.5, 3.0, 4.0]], [[1.0, 2.0, 1.0], [0.5, 9.0, None]]) == [
+        2.0, 3.0, 5.0]
+
+
+def _rec(name: str, op: str, shape: list[int], threads: str = "1", dtype: str = "float32",
+         x_floor: float | None = 1.0, speedup: dict | None = None) -> dict[str, Any]:
+    return {"name": name, "kind": "polycos", "op": op, "shape": shape, "dtype": dtype,
+            "threads": 1 if threads == "1" else 2, "threads_setting": threads,
+            "x_floor": x_floor, "speedup": speedup or {}}
+
+
+def test_targets_met_and_missed() -> None:
+    ref = list(REFERENCE_SHAPE)
+    recs = [
+        _rec("numpy", "forward", ref, x_floor=1.25),
+        _rec("numpy", "forward", [131072, 256], x_floor=9.0),  # not the reference size: ignored
+        _rec("torch", "forward", ref, x_floor=1.4),
+        _rec("numpy", "forward+backward", ref, dtype="float64", x_floor=1.9),
+        _rec("numpy", "forward", [524288, 16], x_floor=2.1),
+        _rec("torch", "forward+backward", ref, x_floor=1.0,
+             speedup={"F.cosine_similarity": 12.0, "torch.compile(F.cosine_similarity)": 1.1}),
+        _rec("jax", "forward", [4096, 256], x_floor=1.0),  # the reference size was not run
+        # pairwise: every size from 32 up; 16 is below the range and ignored
+        *[_rec("numpy", "pairwise+backward", [n, n, 128], speedup={"normalise+matmul (numpy)": v})
+          for n, v in ((16, 0.1), (32, 0.9), (4096, 0.7))],
+        *[_rec("torch", "pairwise+backward", [n, n, 128], speedup={"normalise+matmul (torch)": v})
+          for n, v in ((32, 0.9), (64, 0.6), (4096, 1.2))],
+        _rec("numpy", "forward", ref, threads="all", x_floor=3.0),
+    ]
+    rows = {(r["label"], r["threads_setting"]): r for r in check(recs, reference="1")}
+    status = {k: r["status"] for k, r in rows.items()}
+    assert status["NumPy forward", "1"] == "met"
+    assert rows["NumPy forward", "1"]["shape"] == ref
+    assert rows["NumPy forward", "1"]["at_reference"]
+    assert status["torch eager forward", "1"] == "missed"
+    assert status["NumPy float64 forward + vjp", "1"] == "met"
+    assert status["NumPy D = 16 forward", "1"] == "missed"
+    assert status["torch fwd+bwd vs F.cosine_similarity", "1"] == "met"
+    assert status["torch fwd+bwd vs torch.compile(F.cosine_similarity)", "1"] == "missed"
+    jax = rows["JAX jit forward", "1"]
+    assert jax["status"] == "met"
+    assert jax["at_reference"] is False
+    assert jax["shape"] == [4096, 256]
+    assert status["JAX D = 16 forward", "1"] == "not measured"  # no D = 16 record: not the 4096 x 256 one
+    npw = rows["NumPy pairwise fwd+bwd", "1"]
+    assert npw["status"] == "met"
+    assert npw["value"] == 0.7
+    assert len(npw["per_size"]) == 2
+    tpw = rows["torch pairwise fwd+bwd", "1"]
+    assert tpw["status"] == "missed"
+    assert tpw["shape"] == [64, 64, 128]
+    assert status["CuPy forward (>= 80% bandwidth)", "1"] == "not measured"
+    # the other thread count is reported, and does not gate
+    assert status["NumPy forward", "all"] == "missed"
+    assert not rows["NumPy forward", "all"]["gate"]
+    missed = {r["label"] for r in gate(list(rows.values()))}
+    assert missed == {"torch eager forward", "NumPy D = 16 forward",
+                      "torch fwd+bwd vs torch.compile(F.cosine_similarity)", "torch pairwise fwd+bwd"}

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,10 @@ def _create(name: str) -> Backend:
     with _lock:  # one import and one instance, even if many threads ask at once
         backend = _instances.get(name)
         if backend is None:
-            backend = getattr(_import(entry), entry.cls)(entry)
+            # A library's lazy imports may add warning filters (torch._dynamo imports sympy,
+            # which adds one): the user's filters are restored, nothing of ours stays behind.
+            with warnings.catch_warnings():
+                backend = getattr(_import(entry), entry.cls)(entry)
             _instances[name] = backend
     return backend
 

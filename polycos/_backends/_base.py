@@ -202,7 +202,8 @@ class Backend:
     def vjp(self, grad: Array, call: Call, residuals: Any = None) -> tuple[Array, Array]:
         """:func:`polycos.cosine_similarity_vjp` on a validated call and checked ``grad``."""
         xp = call.xp
-        g = xp.broadcast_to(grad, call.out_shape)
+        # (a dask result of unknown size cannot be broadcast to: the backend pairs g block by block)
+        g = xp.broadcast_to(grad, call.out_shape) if _known_shape(call.out_shape) else grad
         plan = call.outer
         if plan is not None:
             a1, a2 = plan.inputs(xp, call.x1, call.x2)
@@ -277,6 +278,11 @@ class Backend:
         dtype = dtype or a.dtype.name
         kwargs = {} if device is None else {"device": device}
         return xp.asarray(np.asarray(a, dtype="float32" if dtype == "bfloat16" else None), dtype=getattr(xp, dtype), **kwargs)
+
+
+def _known_shape(shape: tuple) -> bool:
+    """No unknown (dask NaN or None) size."""
+    return all(d is not None and d == d for d in shape)
 
 
 def _vectors(call: Call) -> tuple[Array, Array]:

@@ -31,6 +31,18 @@ def _known(shape: tuple) -> bool:
     return all(isinstance(d, int) for d in shape)
 
 
+def _known_chunks(x: Any) -> bool:
+    return all(not math.isnan(c) for cs in x.chunks for c in cs)
+
+
+def _same_chunks(x1: Any, x2: Any) -> bool:
+    """One chunk structure, unknown (NaN) sizes in the same places."""
+    def key(x: Any) -> tuple:
+        return tuple(tuple("?" if math.isnan(c) else c for c in cs) for cs in x.chunks)
+
+    return key(x1) == key(x2)
+
+
 class DaskBackend(Backend):
     """dask.array: chunk-wise NumPy backend, lazy."""
 
@@ -70,22 +82,27 @@ class DaskBackend(Backend):
         """As the base class, with the cast's chunks run quietly when they are computed (G13)."""
         if grad.dtype == dtype:
             return grad
-        return grad.map_blocks(_quiet_astype, dtype=dtype, target=np.dtype(dtype), meta=np.empty((0,) * grad.ndim, dtype=dtype))
+        return _quiet_astype(grad, dtype)
 
     def _chunked(self, call: Call) -> tuple[Any, Any] | None:
-        """Both inputs broadcast to the full shape with whole rows per chunk, or ``None``."""
+        """Both inputs at the full shape with whole rows per chunk, or ``None``.
+
+        Known sizes: broadcast (views) and rechunked. Unknown chunk sizes (after
+        boolean indexing): only inputs of one shape and one chunk structure,
+        which ``map_blocks`` pairs block by block without knowing the sizes.
+        """
         import dask.array as da
 
-        if not call.shape or not _known(call.shape) or not all(
-            _known(tuple(x.shape)) and all(not math.isnan(c) for cs in x.chunks for c in cs)
-            for x in (call.x1, call.x2)
-        ):
+        x1, x2 = call.x1, call.x2
+        if not call.shape or not all(isinstance(x._meta, np.ndarray) for x in (x1, x2)):
             return None
-        if not all(isinstance(x._meta, np.ndarray) for x in (call.x1, call.x2)):
-            return None
-        b1, b2 = da.broadcast_arrays(call.x1, call.x2)
         whole = {call.axis: -1}
-        return b1.rechunk(whole), b2.rechunk(whole)
+        if _known(call.shape) and all(_known(tuple(x.shape)) and _known_chunks(x) for x in (x1, x2)):
+            b1, b2 = da.broadcast_arrays(x1, x2)
+            return b1.rechunk(whole), b2.rechunk(whole)
+        if not _known((call.shape[call.axis],)) or x1.ndim != x2.ndim or not _same_chunks(x1, x2):
+            return None
+        return x1.rechunk(whole), x2.rechunk(whole)
 
     def rowwise_forward(self, call: Call) -> tuple[Any, Any]:
         chunked = self._chunked(call)
@@ -112,9 +129,11 @@ class DaskBackend(Backend):
         numpy = get("numpy")
         axis, eps = call.axis, call.eps
         acc = _core.accumulation_dtype(np, call.dtype)
-        gk = da.expand_dims(g, axis).rechunk(tuple(
-            1 if i == axis else c for i, c in enumerate(b1.chunks)
-        ))
+        gk = da.expand_dims(g, axis)
+        if _known_chunks(b1) and _known(tuple(gk.shape)):
+            gk = da.broadcast_to(gk, tuple(1 if i == axis else d for i, d in enumerate(b1.shape)))
+            gk = gk.rechunk(tuple(1 if i == axis else c for i, c in enumerate(b1.chunks)))
+        # (unknown chunk sizes: g has the rows' chunks already, or one block that map_blocks broadcasts)
 
         def block(x1: Any, x2: Any, gb: Any, which: int) -> Any:
             # Full-shape gradients in the accumulation dtype: dask sums broadcast rows, then rounds once.
@@ -124,9 +143,63 @@ class DaskBackend(Backend):
         d1 = b1.map_blocks(block, b2, gk, 0, dtype=acc, meta=meta)
         d2 = b1.map_blocks(block, b2, gk, 1, dtype=acc, meta=meta)
         xp = call.xp
-        d1 = xp.astype(_core.sum_to_shape(xp, d1, tuple(call.x1.shape)), call.dtype)
-        d2 = xp.astype(_core.sum_to_shape(xp, d2, tuple(call.x2.shape)), call.dtype)
+        d1 = _quiet_astype(_core.sum_to_shape(xp, d1, tuple(call.x1.shape)), call.dtype)
+        d2 = _quiet_astype(_core.sum_to_shape(xp, d2, tuple(call.x2.shape)), call.dtype)
         return d1, d2
+
+    # ------------------------------------------------------------------ pairwise: blockwise NumPy
+
+    def _pairwise_blocks(self, x1: Any, x2: Any | None) -> tuple[Any, Any, str] | None:
+        """Rows whole along D, the same batch shape, NumPy chunks: the blockwise route (else ``None``)."""
+        pair = (x1,) if x2 is None else (x1, x2)
+        if not all(isinstance(x._meta, np.ndarray) and _known(tuple(x.shape)) and _known_chunks(x) for x in pair):
+            return None
+        if any(0 in tuple(x.shape) for x in pair):  # an empty result: the core returns at once
+            return None
+        if x2 is not None and (x1.shape[:-2] != x2.shape[:-2] or x1.shape[-1] != x2.shape[-1]):
+            return None
+        batch = "".join(chr(ord("a") + i) for i in range(x1.ndim - 2))
+        r1 = x1.rechunk({x1.ndim - 1: -1})
+        r2 = r1 if x2 is None else x2.rechunk({x2.ndim - 1: -1, **{i: r1.chunks[i] for i in range(x1.ndim - 2)}})
+        return r1, r2, batch
+
+    def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
+        blocks = self._pairwise_blocks(x1, x2)
+        if blocks is None:
+            return super().pairwise_forward(x1, x2, eps)
+        import dask.array as da
+
+        r1, r2, b = blocks
+        numpy = get("numpy")
+
+        def block(a: Any, c: Any) -> Any:  # one block of S from one row block of each side
+            return numpy.pairwise_forward(a, c, eps)
+
+        return da.blockwise(block, f"{b}nm", r1, f"{b}nd", r2, f"{b}md", dtype=x1.dtype, concatenate=True,
+                            meta=np.empty((0,) * x1.ndim, dtype=x1.dtype))
+
+    def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+        blocks = self._pairwise_blocks(x1, x2)
+        if blocks is None or not isinstance(g._meta, np.ndarray):
+            return super().pairwise_vjp(g, x1, x2, eps)
+        import dask.array as da
+
+        r1, r2, b = blocks
+        numpy = get("numpy")
+        gr = g.rechunk(tuple((*r1.chunks[:-1], r2.chunks[-2])))
+        meta = np.empty((0,) * x1.ndim, dtype=x1.dtype)
+
+        def side(which: int) -> Any:
+            def block(gb: Any, a: Any, c: Any) -> Any:  # each side's gradient sums over the other side's blocks
+                return numpy.pairwise_vjp(gb, a, c, eps)[which]
+
+            out = f"{b}nd" if which == 0 else f"{b}md"
+            return da.blockwise(block, out, gr, f"{b}nm", r1, f"{b}nd", r2, f"{b}md", dtype=x1.dtype,
+                                concatenate=True, meta=meta)
+
+        if x2 is None:  # S(x, x): the row side and the column side, both on x
+            return side(0) + side(1), None
+        return side(0), side(1)
 
     def to_numpy(self, x: Any) -> Any:
         a = np.asarray(x.compute())
@@ -138,9 +211,14 @@ class DaskBackend(Backend):
         return da.from_array(get("numpy").from_numpy(a, dtype), chunks=-1)
 
 
-def _quiet_astype(block: Any, target: Any) -> Any:
-    with np.errstate(all="ignore"):
-        return block.astype(target)
+def _quiet_astype(x: Any, dtype: Any) -> Any:
+    """``astype`` chunk by chunk without NumPy's overflow warnings (a cast to a narrower dtype)."""
+
+    def cast(block: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return block.astype(dtype, copy=False)
+
+    return x.map_blocks(cast, dtype=dtype, meta=np.empty((0,) * x.ndim, dtype=dtype))
 
 
 def _numpy_call(x1: Any, x2: Any, axis: int, eps: float) -> Any:

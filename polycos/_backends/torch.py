@@ -35,6 +35,10 @@ from typing import TYPE_CHECKING, Any
 import array_api_compat.torch as _compat
 import torch
 
+# torch._dynamo is imported now, under the registry's catch_warnings: the first operator
+# call would import it (and sympy with it, which adds a warning filter) in the user's code.
+import torch._dynamo
+
 from polycos import _core
 from polycos._backends._base import Backend, dtype_name
 
@@ -244,7 +248,7 @@ def cosine_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VJP on plain tensors from the forward's residuals; gradients in the inputs' shapes."""
     native = _native(x1.device)
-    if native is None:
+    if native is None or g.numel() == 0:  # an empty result: the core's zeros, in the inputs' dtypes
         return core_backward(g, x1, x2, res, axis, eps)
     shape = torch.broadcast_shapes(x1.shape, x2.shape)
     full = tuple(x1.shape) == tuple(shape) and tuple(x2.shape) == tuple(shape)

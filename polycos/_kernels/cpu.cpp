@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
@@ -223,6 +224,13 @@ struct Call {
     void* m = nullptr;
     double eps = 0;
 };
+
+// eps as the accumulation dtype holds it: the largest finite value at most, so that
+// eps cast to A stays finite (as _core._eps_for clamps it; eps = 1e300 is valid).
+inline double eps_for(double eps, int acc) {
+    const double top = acc == kF32 ? double(std::numeric_limits<float>::max()) : std::numeric_limits<double>::max();
+    return eps < top ? eps : top;
+}
 
 // Operand indices.
 enum { kFwdX1 = 0, kFwdX2 = 1, kFwdOut = 2, kFwdRes = 3 };
@@ -500,7 +508,7 @@ inline int forward(int dtype, int acc, const void* x1, int nd1, const i64* shape
     Call call;
     call.dtype = dtype;
     call.acc = acc;
-    call.eps = eps;
+    call.eps = eps_for(eps, acc);
     if (int st = make_plan(nd, full, axis, 4, strides, call.plan)) return st;
     if (call.plan.rows == 0) return kOk;
     if (!out || ((!x1 || !x2) && call.plan.n > 0)) return kBadArgument;
@@ -580,7 +588,7 @@ inline int backward(int dtype, int acc, int out_dtype, const void* x1, int nd1, 
     call.acc = acc;
     call.out_dtype = out_dtype;
     call.g_dtype = g_dtype;
-    call.eps = eps;
+    call.eps = eps_for(eps, acc);
     if (int st = make_plan(nd, full, ax, 6, strides, call.plan)) return st;
     if (call.plan.rows == 0 || call.plan.n == 0) return kOk;  // no gradient element to write
     if (!x1 || !x2 || !g || !d1 || !d2) return kBadArgument;
@@ -620,7 +628,7 @@ inline int normalize(int dtype, int acc, const void* x, int ndx, const i64* shap
     Call call;
     call.dtype = dtype;
     call.acc = acc;
-    call.eps = eps;
+    call.eps = eps_for(eps, acc);
     if (int s = make_plan(ndx, shape, ndx - 1, 2, st, call.plan)) return s;
     if (call.plan.rows == 0) return kOk;
     if ((!x || !xhat) && call.plan.n > 0) return kBadArgument;

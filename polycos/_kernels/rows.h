@@ -247,8 +247,8 @@ PC_HD Res5<V> finish(V w12, V w11, V w22, V l12, V l11, V l22, V m1, V m2, V eps
 
 // ------------------------------------------------------------------ backward
 
-// _core.GradCoefficients for one row: d1 = u1 (h2 - t1 h1) / m1 and
-// d2 = u2 (h1 - t2 h2) / m2, with h = (x / m) r.
+// _core.GradCoefficients for one row: d1 = u1 ((h2 - t1 h1) / m1) and
+// d2 = u2 ((h1 - t2 h2) / m2), with h = (x / m) r.
 template <typename V> struct GradCoefs {
     V u1, u2;  // g / c, 0 where cs == 0 (a zero vector with eps = 0)
     V r1, r2;  // 1 / c, c = max(ns, eps/m) (1 where that is 0)
@@ -279,7 +279,8 @@ PC_HD GradCoefs<V> grad_coefficients(V g, const Res5<V>& res, V eps) {
 // _core.grad_elementwise for one element (or lanes of elements V of one row,
 // with the row's scalar coefficients K = GradCoefs<A>; or lanes of rows with
 // K = GradCoefs<V>): a1, a2 are the inputs widened to A. DIV: the row scales
-// apply (x / m first, the result / m last, so nothing over- or underflows
+// apply (x / m first; the bracket, at most 2 in magnitude, divided by m >=
+// smallest normal before u multiplies it, so nothing over- or underflows
 // unless the gradient does); callers pass false when both scales are 1, which
 // gives the same bits.
 template <bool DIV, typename V, typename K>
@@ -287,8 +288,8 @@ PC_HD void grad_element(V a1, V a2, const K& k, V& d1, V& d2) {
     if (DIV) {
         const V h1 = (a1 / k.m1) * k.r1;
         const V h2 = (a2 / k.m2) * k.r2;
-        d1 = (k.u1 * (h2 - k.t1 * h1)) / k.m1;
-        d2 = (k.u2 * (h1 - k.t2 * h2)) / k.m2;
+        d1 = k.u1 * ((h2 - k.t1 * h1) / k.m1);
+        d2 = k.u2 * ((h1 - k.t2 * h2) / k.m2);
     } else {
         const V h1 = a1 * k.r1;
         const V h2 = a2 * k.r2;

@@ -1,19 +1,19 @@
-"""Output: rich tables, the targets table, the JSON file and the log-log plot."""
+"""Output: rich tables (one per thread count and op), the targets, the JSON file and the plot."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from polycos.bench._suites import OPS
-from polycos.bench._targets import check
+from polycos.bench._suites import OPS, PAIRWISE, ROWWISE
 
-__all__ = ["print_report", "write_json", "write_plot"]
+__all__ = ["dumps", "fmt_time", "print_report", "write_json", "write_plot"]
 
-_KIND_ORDER = {"polycos": 0, "peer": 1, "floor": 2}
+_KIND_ORDER = {"polycos": 0, "peer": 1, "floor": 2, "floor-read": 3, "floor-write": 4}
 
 
 def fmt_time(seconds: float) -> str:
@@ -24,6 +24,8 @@ def fmt_time(seconds: float) -> str:
     >>> fmt_time(0.0123), fmt_time(2.5e-6), fmt_time(3.0)
     ('12.3 ms', '2.50 µs', '3.00 s')
     """
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if seconds >= scale:
             return (
@@ -40,12 +42,34 @@ def _fmt_x(value: float | None) -> str:
     return f"{value:.3g}×" if value < 100 else f"{value:,.0f}×"
 
 
-def _shape(shape: Iterable[int]) -> str:
-    return "x".join(str(s) for s in shape)
+def _shape(shape: Iterable[int] | None) -> str:
+    return "x".join(str(s) for s in shape) if shape else "-"
+
+
+def _settings(doc: dict[str, Any]) -> list[str]:
+    seen = [r["threads_setting"] for r in doc["results"]]
+    return list(dict.fromkeys([*doc["config"]["threads"], *seen]))
+
+
+def _threads_label(doc: dict[str, Any], setting: str) -> str:
+    run = next((r for r in doc["runs"] if r["threads_setting"] == setting), None)
+    if run is None:
+        return f"threads = {setting}"
+    n = run["threads"]
+    libs = run.get("threads_by_library", {})
+    extra = ", ".join(f"{k} {v}" for k, v in libs.items())
+    head = f"threads = {n}" + (f" (all {n} usable CPUs)" if setting == "all" else "")
+    return f"{head}; {extra}" if extra else head
+
+
+def _floor_label(rec: dict[str, Any]) -> str:
+    parts = rec.get("floor_parts") or {}
+    best = [max(p, key=p.get) for p in (parts.get("read", {}), parts.get("write", {})) if p]
+    return "machine floor" + (f" ({' + '.join(best)})" if best else "")
 
 
 def print_report(doc: dict[str, Any], console: Any) -> None:
-    """Print one table per op, the skip notes and the spec-target table.
+    """Print one table per thread count and op, the skip notes and the targets.
 
     Parameters
     ----------
@@ -57,52 +81,52 @@ def print_report(doc: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     results = doc["results"]
-    for op in OPS:
-        recs = [r for r in results if r["op"] == op]
-        if not recs:
-            continue
-        table = Table(
-            title=f"[bold]{op}[/]  (× floor = time / floor time; speed-up = peer time / polycos time)",
-            title_justify="left",
-            header_style="bold",
-        )
-        for col, just in (
-            ("backend", "left"),
-            ("shape", "right"),
-            ("dtype", "left"),
-            ("median", "right"),
-            ("GB/s", "right"),
-            ("× floor", "right"),
-            ("speed-up over peers", "left"),
-        ):
-            table.add_column(col, justify=just)  # type: ignore[arg-type]
-        groups: dict[tuple, list[dict[str, Any]]] = {}
-        for r in recs:
-            groups.setdefault((r["suite"], tuple(r["shape"]), r["dtype"]), []).append(r)
-        for gi, ((suite, shape, dtype), grp) in enumerate(groups.items()):
-            if gi:
-                table.add_section()
-            for r in sorted(grp, key=lambda r: _KIND_ORDER[r["kind"]]):
-                name = r["name"]
-                style = {"polycos": "bold", "peer": "", "floor": "dim"}[r["kind"]]
-                label = {
-                    "polycos": f"polycos {name}",
-                    "peer": f"  peer: {name}",
-                    "floor": f"  floor ({suite})",
-                }[r["kind"]]
-                speed = "  ".join(f"{_fmt_x(v)} {p}" for p, v in r["speedup"].items())
-                gbps = "-" if r["gbps"] is None else f"{r['gbps']:.3g}"
-                table.add_row(
-                    label,
-                    _shape(shape),
-                    dtype,
-                    fmt_time(r["median_s"]),
-                    gbps,
-                    _fmt_x(r["x_floor"]),
-                    speed,
-                    style=style,
-                )
-        console.print(table)
+    for setting in _settings(doc):
+        label = _threads_label(doc, setting)
+        for op in OPS:
+            recs = [
+                r for r in results
+                if r["op"] == op and r["threads_setting"] == setting and r["kind"] in ("polycos", "peer", "floor")
+            ]
+            if not recs:
+                continue
+            table = Table(
+                title=f"[bold]{op}[/], {label}  (× floor = time / machine floor time; "
+                "speed-up = peer time / polycos time; medians of per-round ratios)",
+                title_justify="left",
+                header_style="bold",
+            )
+            for col, just in (
+                ("thr", "right"),
+                ("subject", "left"),
+                ("shape", "right"),
+                ("dtype", "left"),
+                ("median", "right"),
+                ("GB/s", "right"),
+                ("× floor", "right"),
+                ("speed-up over peers", "left"),
+            ):
+                table.add_column(col, justify=just)  # type: ignore[arg-type]
+            groups: dict[tuple, list[dict[str, Any]]] = {}
+            for r in recs:
+                groups.setdefault((r["device"], tuple(r["shape"]), r["dtype"]), []).append(r)
+            for gi, ((device, shape, dtype), grp) in enumerate(groups.items()):
+                if gi:
+                    table.add_section()
+                for r in sorted(grp, key=lambda r: (_KIND_ORDER[r["kind"]], r["name"])):
+                    style = {"polycos": "bold", "peer": "", "floor": "dim"}[r["kind"]]
+                    name = {
+                        "polycos": f"polycos {r['name']}",
+                        "peer": f"  peer: {r['name']}",
+                        "floor": f"  {_floor_label(r)}",
+                    }[r["kind"]] + (" [cuda]" if device == "cuda" else "")
+                    speed = "  ".join(f"{_fmt_x(v)} {p}" for p, v in r["speedup"].items())
+                    gbps = "-" if r["gbps"] is None else f"{r['gbps']:.3g}"
+                    table.add_row(
+                        str(r["threads"]), name, _shape(shape), dtype, fmt_time(r["median_s"]),
+                        gbps, _fmt_x(r["x_floor"]), speed, style=style,
+                    )
+            console.print(table)
     if doc["skipped"]:
         console.print("[bold]skipped[/]")
         seen = set()
@@ -110,7 +134,7 @@ def print_report(doc: dict[str, Any], console: Any) -> None:
             where = " ".join(
                 str(x)
                 for x in (
-                    s["suite"],
+                    f"thr {s['threads']}",
                     s["op"],
                     _shape(s["shape"]) if s["shape"] else None,
                     s["dtype"],
@@ -121,31 +145,44 @@ def print_report(doc: dict[str, Any], console: Any) -> None:
             if line not in seen:
                 seen.add(line)
                 console.print(line, markup=False, highlight=False)
-    rows = [r for r in check(results) if r["status"] != "not measured"]
-    if rows:
-        table = Table(
-            title="[bold]spec §5 targets[/] (float32, largest size measured)", title_justify="left"
-        )
-        for col in ("workload", "target", "shape", "measured", "status"):
-            table.add_column(col)
-        for r in rows:
-            colour = "green" if r["status"] == "met" else "red"
-            table.add_row(
-                r["label"],
-                r["target"],
-                _shape(r["shape"]),
-                _fmt_x(r["value"]),
-                f"[{colour}]{r['status']}[/]",
-            )
-        console.print(table)
+    print_targets(doc, console)
     m = doc["machine"]
+    load = f", load {m['loadavg'][0]:.2f}" if m.get("loadavg") else ""
     console.print(
-        f"{m['processor']}, {m['cpu_count']} CPUs, load {m['loadavg'][0]:.2f}"
-        if m.get("loadavg")
-        else m["processor"],
-        f"| GPUs: {', '.join(m['gpus']) or 'none'} | {doc['duration_s']:.1f} s",
+        f"{m['processor']}, {m['usable_cpus']} usable CPUs{load} | GPUs: {', '.join(m['gpus']) or 'none'}"
+        f" | {doc['duration_s']:.1f} s",
         highlight=False,
     )
+    for err in doc.get("errors", []):
+        console.print(f"[red]error:[/] {err}", highlight=False)
+
+
+def print_targets(doc: dict[str, Any], console: Any) -> None:
+    """The spec's targets at every thread count measured (gating rows first)."""
+    from rich.table import Table
+
+    rows = [r for r in doc["targets"] if r["status"] != "not measured"]
+    if not rows:
+        return
+    table = Table(
+        title=f"[bold]spec §5 targets[/] (the exit status of run_cpu_targets.py is decided at "
+        f"threads = {doc['reference_threads']}; other thread counts are reported beside)",
+        title_justify="left",
+    )
+    for col in ("workload", "target", "dtype", "thr", "shape", "measured", "status"):
+        table.add_column(col)
+    for r in sorted(rows, key=lambda r: not r["gate"]):
+        colour = "green" if r["status"] == "met" else "red"
+        shape = _shape(r["shape"])
+        if r["per_size"]:
+            shape = f"worst of {len(r['per_size'])} sizes: {shape}"
+        elif r["at_reference"] is False:
+            shape += " (reference size not run)"
+        table.add_row(
+            r["label"], r["target"], r["dtype"], str(r["threads"]), shape, _fmt_x(r["value"]),
+            f"[{colour}]{r['status']}[/]" + ("" if r["gate"] else " (beside)"),
+        )
+    console.print(table)
 
 
 def _finite(obj: Any) -> Any:
@@ -159,18 +196,88 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _round(obj: Any, digits: int = 6) -> Any:
+    """Floats to ``digits`` significant digits (timings are not more precise than that)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    """Strict JSON, one line per item of each top-level list of objects (diffable, compact).
+
+    Examples
+    --------
+    >>> print(dumps({"a": 1, "results": [{"x": 1.0}, {"x": 2.5}]}))
+    {
+     "a": 1,
+     "results": [
+      {"x": 1.0},
+      {"x": 2.5}
+     ]
+    }
+    <BLANKLINE>
+    """
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            items = ",\n  ".join(json.dumps(v, allow_nan=False, ensure_ascii=False) for v in value)
+            text = f"[\n  {items}\n ]"
+        else:
+            text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        parts.append(f"{json.dumps(key)}: {text}")
+    return "{\n " + ",\n ".join(parts) + "\n}\n"
+
+
 def write_json(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """Write the document as strict JSON (non-finite numbers become ``null``); return what was written."""
-    clean = _finite(doc)
-    Path(path).write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+    """Write the document as strict JSON (non-finite numbers become ``null``, floats keep
+    6 significant digits, one line per record); return what was written."""
+    clean = _round(_finite(doc))
+    Path(path).write_text(dumps(clean), encoding="utf-8")
     return clean
 
 
-def write_plot(doc: dict[str, Any], path: str | Path) -> None:
-    """Log-log plot of median time against bytes moved, one panel per op.
+# --------------------------------------------------------------------------- plot
 
-    polycos subjects are solid lines, native peers dashed, each suite's
-    bandwidth floor a dotted black line.
+
+def _bar_shape(results: list[dict[str, Any]], op: str) -> tuple[tuple[int, ...], str] | None:
+    """The shape the bars of an op show: issue 12's 32768 x 256 float32 if run, else the largest float32."""
+    from polycos.bench._targets import REFERENCE_SHAPE
+
+    recs = [r for r in results if r["op"] == op and r["kind"] == "polycos"]
+    if not recs:
+        return None
+    f32 = [r for r in recs if r["dtype"] == "float32"] or recs
+    if op in ROWWISE and any(tuple(r["shape"]) == REFERENCE_SHAPE for r in f32):
+        return REFERENCE_SHAPE, f32[0]["dtype"]
+    best = max(f32, key=lambda r: math.prod(r["shape"]))
+    return tuple(best["shape"]), best["dtype"]
+
+
+def _sweep(results: list[dict[str, Any]], op: str) -> tuple[str, int | None]:
+    """The dtype and (row-wise) D of the op's longest size sweep."""
+    count: Counter[tuple[str, int | None]] = Counter()
+    for r in results:
+        if r["op"] == op and r["kind"] == "floor":
+            count[(r["dtype"], r["shape"][-1] if op in ROWWISE else None)] += 1
+    if not count:
+        return "float32", None
+    return max(count, key=lambda k: (count[k], k[0] == "float32"))
+
+
+def write_plot(doc: dict[str, Any], path: str | Path) -> None:
+    """PNG: (a) × floor per subject and peer, per op, one bar per thread count; (b) time against size.
+
+    Panel row (a) shows each op at one size (issue 12's 32768 x 256 float32 for
+    the row-wise ops when measured, else the largest float32 size), bars on a
+    log scale with the floor at 1 and the op's targets as lines. The rows (b),
+    one per thread count, plot the median time against N for the op's size
+    sweep: polycos subjects solid, native peers dashed, the machine floor black
+    and dotted.
 
     Parameters
     ----------
@@ -184,39 +291,104 @@ def write_plot(doc: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = doc["results"]
+    results = [r for r in doc["results"] if r["kind"] in ("polycos", "peer", "floor")]
     ops = [op for op in OPS if any(r["op"] == op for r in results)] or ["forward"]
-    fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4.5), squeeze=False)
-    for ax, op in zip(axes[0], ops, strict=True):
-        series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
-        for r in results:
-            if r["op"] != op:
-                continue
-            name = f"floor ({r['suite']})" if r["kind"] == "floor" else r["name"]
-            series.setdefault((r["kind"], name, r["dtype"]), []).append((r["bytes"], r["median_s"]))
-        for (kind, name, dtype), pts in sorted(
-            series.items(), key=lambda kv: _KIND_ORDER[kv[0][0]]
-        ):
-            pts.sort()
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            label = f"{name} ({dtype})" if len(doc["config"]["dtypes"]) > 1 else name
-            if kind == "polycos":
-                ax.plot(xs, ys, "-o", lw=2, ms=5, label=f"polycos {label}")
-            elif kind == "peer":
-                ax.plot(xs, ys, "--x", lw=1, ms=4, alpha=0.7, label=label)
-            else:
-                ax.plot(xs, ys, ":", color="black", lw=1.5, marker=".", label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(op)
-        ax.set_xlabel("bytes the op must read + write")
-        ax.set_ylabel("median time [s]")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    settings = _settings(doc) or ["1"]
+    fig, axes = plt.subplots(
+        1 + len(settings), len(ops), figsize=(5.6 * len(ops), 4.4 * (1 + len(settings))), squeeze=False
+    )
+    cmap = plt.get_cmap("tab20")
+    names = sorted({r["name"] for r in results if r["kind"] != "floor"},
+                   key=lambda n: (not any(r["name"] == n and r["kind"] == "polycos" for r in results), n))
+    colour = {n: cmap(i % 20) for i, n in enumerate(names)}
+    limits = {"forward": (1.3, 2.0), "forward+backward": (1.5, 2.0)}
+    for col, op in enumerate(ops):
+        _bars(axes[0][col], results, op, settings, colour, limits.get(op, ()))
+        for row, setting in enumerate(settings, start=1):
+            _lines(axes[row][col], results, op, setting, colour, doc)
     m = doc["machine"]
     fig.suptitle(
-        f"polycos bench — {m['processor']}, {m['cpu_count']} CPUs, {doc['date']}", fontsize=9
+        f"polycos bench — {m['processor']}, {m['usable_cpus']} usable CPUs, {doc['date']}; "
+        "bars: time / machine floor (lower is better); lines: time against N",
+        fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.07, top=0.91, wspace=0.22, hspace=0.75)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _bars(ax: Any, results: list[dict[str, Any]], op: str, settings: list[str],
+          colour: dict[str, Any], limits: tuple[float, ...]) -> None:
+    chosen = _bar_shape(results, op)
+    if chosen is None:
+        ax.set_axis_off()
+        return
+    shape, dtype = chosen
+    recs = [r for r in results if r["op"] == op and tuple(r["shape"]) == shape and r["dtype"] == dtype
+            and r["kind"] != "floor" and r["x_floor"] is not None]
+    names = list(dict.fromkeys(r["name"] for r in sorted(recs, key=lambda r: (_KIND_ORDER[r["kind"]], r["name"]))))
+    width = 0.8 / max(1, len(settings))
+    for si, setting in enumerate(settings):
+        for ni, name in enumerate(names):
+            rec = next((r for r in recs if r["name"] == name and r["threads_setting"] == setting), None)
+            if rec is None:
+                continue
+            x = ni + (si - (len(settings) - 1) / 2) * width
+            peer = rec["kind"] == "peer"
+            ax.bar(x, rec["x_floor"], width * 0.95, color=colour.get(name, "grey"),
+                   hatch="//" if peer else None, alpha=0.55 if si else 0.95, edgecolor="black", lw=0.5)
+            ax.text(x, rec["x_floor"], f"{rec['x_floor']:.2g}", ha="center", va="bottom", fontsize=6,
+                    rotation=90 if len(names) * len(settings) > 12 else 0)
+    ax.axhline(1.0, color="black", lw=1, ls=":")
+    _few_ticks(ax)
+    for lim in limits:
+        ax.axhline(lim, color="red", lw=0.8, ls="--", alpha=0.6)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=7)
+    threads = ", ".join(f"thr {s}" + (" (light)" if i else "") for i, s in enumerate(settings))
+    ax.set_title(f"{op}: × floor at {_shape(shape)} {dtype}\n{threads}; hatched: peers", fontsize=9)
+    ax.set_ylabel("time / machine floor")
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+
+
+def _few_ticks(ax: Any) -> None:
+    """No minor ticks: with a dozen log axes, laying them out takes seconds."""
+    from matplotlib.ticker import NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _lines(ax: Any, results: list[dict[str, Any]], op: str, setting: str,
+           colour: dict[str, Any], doc: dict[str, Any]) -> None:
+    dtype, d = _sweep(results, op)
+    recs = [r for r in results if r["op"] == op and r["threads_setting"] == setting and r["dtype"] == dtype
+            and (d is None or r["shape"][-1] == d)]
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in recs:
+        series.setdefault((r["kind"], r["name"]), []).append((r["shape"][0], r["median_s"]))
+    for (kind, name), pts in sorted(series.items(), key=lambda kv: (_KIND_ORDER[kv[0][0]], kv[0][1])):
+        pts.sort()
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if kind == "polycos":
+            ax.plot(xs, ys, "-o", color=colour.get(name), lw=2, ms=4, label=f"polycos {name}")
+        elif kind == "peer":
+            ax.plot(xs, ys, "--x", color=colour.get(name), lw=1, ms=4, alpha=0.8, label=name)
+        else:
+            ax.plot(xs, ys, ":", color="black", lw=2, marker=".", label="machine floor")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    _few_ticks(ax)
+    what = f"N x {d}" if op in ROWWISE else "N x N x D" if op in PAIRWISE else "N"
+    ax.set_title(f"{op}, {dtype}, threads = {_threads_of(doc, setting)}: time against {what}", fontsize=9)
+    ax.set_xlabel("N (rows)" if op in ROWWISE else "N = M (rows of each side)")
+    ax.set_ylabel("median time [s]")
+    ax.grid(True, which="major", alpha=0.3)
+    if series:
+        ax.legend(fontsize=6, ncol=2, loc="upper left")
+
+
+def _threads_of(doc: dict[str, Any], setting: str) -> str:
+    run = next((r for r in doc["runs"] if r["threads_setting"] == setting), None)
+    return f"{run['threads']}" + (" (all)" if setting == "all" else "") if run else setting

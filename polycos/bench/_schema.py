@@ -12,27 +12,33 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from polycos.bench._suites import BACKENDS, DTYPES, OPS, SUITES
+from polycos.bench._suites import DEVICES, DTYPES, KINDS, OPS
 
-__all__ = ["SCHEMA", "validate"]
+__all__ = ["RECORD", "SCHEMA", "validate"]
 
 _NUM = {"type": "number"}
 _NUM_OR_NULL = {"type": ["number", "null"]}  # null: not finite (no round in common)
 _POS = {"type": "number", "minimum": 0}
+_POS_OR_NULL = {"type": ["number", "null"], "minimum": 0}
 _SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2}
-_NAMES = sorted(set(BACKENDS))
+_THREADS = {"type": "integer", "minimum": 1}
+_SETTING = {"type": "string"}  # "all" or a positive integer as text
+_STR_OR_NULL = {"type": ["string", "null"]}
 
 RECORD: dict[str, Any] = {
     "type": "object",
     "required": [
-        "suite",
         "name",
         "kind",
+        "backend",
         "op",
         "shape",
         "dtype",
         "device",
+        "threads",
+        "threads_setting",
         "bytes",
+        "call",
         "number",
         "warmup_s",
         "times_s",
@@ -43,21 +49,80 @@ RECORD: dict[str, Any] = {
     ],
     "additionalProperties": False,
     "properties": {
-        "suite": {"enum": list(SUITES)},
         "name": {"type": "string"},
-        "kind": {"enum": ["polycos", "peer", "floor"]},
+        "kind": {"enum": list(KINDS)},
+        "backend": _STR_OR_NULL,
         "op": {"enum": list(OPS)},
         "shape": _SHAPE,
         "dtype": {"enum": list(DTYPES)},
-        "device": {"enum": ["cpu", "cuda"]},
+        "device": {"enum": list(DEVICES)},
+        "threads": _THREADS,
+        "threads_setting": _SETTING,
         "bytes": {"type": "integer", "minimum": 0},
-        "number": {"type": "integer", "minimum": 1},
+        "call": {"type": "string"},
+        "number": {"type": ["integer", "null"], "minimum": 1},
         "warmup_s": _POS,
         "times_s": {"type": "array", "items": _POS, "minItems": 1},
         "median_s": _POS,
-        "gbps": {"type": ["number", "null"], "minimum": 0},
+        "gbps": _POS_OR_NULL,
         "x_floor": _NUM_OR_NULL,
         "speedup": {"type": "object", "additionalProperties": _NUM_OR_NULL},
+        "floor_parts": {
+            "type": "object",
+            "required": ["read", "write"],
+            "additionalProperties": False,
+            "properties": {
+                "read": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+                "write": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+            },
+        },
+    },
+}
+
+TARGET_ROW: dict[str, Any] = {
+    "type": "object",
+    "required": ["label", "target", "subject", "op", "dtype", "threads", "threads_setting",
+                 "gate", "shape", "at_reference", "value", "per_size", "status"],
+    "additionalProperties": False,
+    "properties": {
+        "label": {"type": "string"},
+        "target": {"type": "string"},
+        "subject": {"type": "string"},
+        "op": {"enum": list(OPS)},
+        "dtype": {"enum": list(DTYPES)},
+        "threads": {"type": ["integer", "null"], "minimum": 1},
+        "threads_setting": _SETTING,
+        "gate": {"type": "boolean"},
+        "shape": {"type": ["array", "null"], "items": {"type": "integer"}},
+        "at_reference": {"type": ["boolean", "null"]},
+        "value": _NUM_OR_NULL,
+        "per_size": {
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "required": ["shape", "value"],
+                "additionalProperties": False,
+                "properties": {"shape": _SHAPE, "value": _NUM},
+            },
+        },
+        "status": {"enum": ["met", "missed", "not measured"]},
+    },
+}
+
+RUN: dict[str, Any] = {
+    "type": "object",
+    "required": ["threads", "threads_setting", "threads_by_library", "env", "isolated",
+                 "duration_s", "loadavg", "kernel"],
+    "additionalProperties": False,
+    "properties": {
+        "threads": _THREADS,
+        "threads_setting": _SETTING,
+        "threads_by_library": {"type": "object"},
+        "env": {"type": "object", "additionalProperties": _STR_OR_NULL},
+        "isolated": {"type": "boolean"},
+        "duration_s": _POS,
+        "loadavg": {"type": "array"},
+        "kernel": {"type": "object", "required": ["available"]},
     },
 }
 
@@ -73,27 +138,31 @@ SCHEMA: dict[str, Any] = {
         "machine",
         "versions",
         "config",
+        "reference_threads",
+        "runs",
         "results",
         "skipped",
+        "targets",
+        "errors",
     ],
     "additionalProperties": False,
     "properties": {
-        "schema": {"const": "polycos-bench/1"},
+        "schema": {"const": "polycos-bench/2"},
         "date": {"type": "string"},
         "duration_s": _POS,
         "command": {"type": "array", "items": {"type": "string"}},
         "machine": {
             "type": "object",
-            "required": ["platform", "processor", "cpu_count", "python", "gpus"],
+            "required": ["platform", "processor", "cpu_count", "usable_cpus", "python", "gpus"],
             "properties": {
                 "platform": {"type": "string"},
                 "machine": {"type": "string"},
                 "processor": {"type": "string"},
                 "cpu_count": {"type": ["integer", "null"]},
+                "usable_cpus": {"type": "integer", "minimum": 1},
                 "python": {"type": "string"},
                 "loadavg": {"type": ["array", "null"], "items": _NUM},
                 "gpus": {"type": "array", "items": {"type": "string"}},
-                "torch_threads": {"type": "integer"},
             },
         },
         "versions": {
@@ -106,37 +175,43 @@ SCHEMA: dict[str, Any] = {
             "required": [
                 "backends",
                 "ops",
-                "sizes",
-                "pairwise_sizes",
-                "dtypes",
+                "rowwise",
+                "pairwise",
+                "threads",
                 "repeat",
                 "min_time",
                 "quick",
+                "compile",
             ],
             "additionalProperties": False,
             "properties": {
-                "backends": {"type": "array", "items": {"enum": _NAMES}},
+                "backends": {"type": "array", "items": {"type": "string"}},
                 "ops": {"type": "array", "items": {"enum": list(OPS)}},
-                "sizes": {"type": "array", "items": _SHAPE},
-                "pairwise_sizes": {"type": "array", "items": _SHAPE},
-                "dtypes": {"type": "array", "items": {"enum": list(DTYPES)}},
+                "rowwise": {"type": "array", "items": {"type": "array", "minItems": 3}},
+                "pairwise": {"type": "array", "items": {"type": "array", "minItems": 4}},
+                "threads": {"type": "array", "items": _SETTING, "minItems": 1},
                 "repeat": {"type": "integer", "minimum": 1},
                 "min_time": _POS,
                 "quick": {"type": "boolean"},
-                "threads": {"type": ["integer", "null"], "minimum": 1},
+                "compile": {"enum": ["all", "rowwise", "largest", "none"]},
                 "slow": _POS,
                 "slow_rounds": {"type": "integer", "minimum": 1},
+                "isolate": {"type": "boolean"},
             },
         },
+        "reference_threads": _SETTING,
+        "runs": {"type": "array", "items": RUN},
         "results": {"type": "array", "items": RECORD},
         "skipped": {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["suite", "op", "shape", "dtype", "reason"],
+                "required": ["threads", "threads_setting", "device", "op", "shape", "dtype", "reason"],
                 "additionalProperties": False,
                 "properties": {
-                    "suite": {"enum": list(SUITES)},
+                    "threads": _THREADS,
+                    "threads_setting": _SETTING,
+                    "device": {"enum": [*DEVICES, None]},
                     "op": {"enum": [*OPS, None]},
                     "shape": {"type": ["array", "null"], "items": {"type": "integer"}},
                     "dtype": {"enum": [*DTYPES, None]},
@@ -144,6 +219,8 @@ SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "targets": {"type": "array", "items": TARGET_ROW},
+        "errors": {"type": "array", "items": {"type": "string"}},
     },
 }
 
@@ -183,7 +260,7 @@ def validate(doc: Any, schema: dict[str, Any] | None = None, path: str = "$") ->
 
     Examples
     --------
-    >>> validate({"schema": "polycos-bench/1"})[0]
+    >>> validate({"schema": "polycos-bench/2"})[0]
     "$: missing required key 'date'"
     >>> validate([1, "a"], {"type": "array", "items": {"type": "integer"}})
     ["$[1]: 'a' is not of type integer"]

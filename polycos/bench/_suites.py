@@ -1,39 +1,56 @@
-"""What is measured: one *suite* per framework, built into one *case* per (op, size, dtype).
+"""What is timed: the byte model, the machine floor, and the subjects and peers of each backend.
 
-A suite groups the polycos *subjects* of one framework (``torch`` and
-``torch-compile`` share a suite), the framework's native *peers* and its
-*bandwidth floor*, so that all of them are timed interleaved in the same
-process (see :mod:`polycos.bench._timing`). Everything heavy (torch, jax,
-cupy, dask, sklearn, optax) is imported inside the builders, only when that
-suite runs; a subject or peer that cannot be imported, or whose polycos module
-does not exist yet, is skipped with a note instead of failing the run.
+One *case* is one ``(device, op, shape, dtype)`` at one thread count. It holds
+every selected polycos subject of every installed backend, their native peers
+and the parts of the machine floor, all timed interleaved in the same process
+(:mod:`polycos.bench._timing`), so every ratio of the case is taken against
+the same floor.
 
-The byte model (what every implementation must at least read and write once):
+Which backends exist comes from the registry (:func:`polycos._backends.installed`,
+:func:`polycos._backends.get`): every installed backend gets a polycos subject
+through the public API, on arrays made by its own ``from_numpy``. What only a
+benchmark needs to know about a framework lives here, keyed by the registry's
+names: how autodiff is driven (:data:`DRIVERS`: torch ``.backward()`` eager and
+under ``torch.compile``, JAX ``jax.jit`` of the value and of
+``jax.value_and_grad``), the native peers (:data:`PEERS`), the floor's stream
+operations (:data:`FLOOR`) and timers (:data:`TIMERS`). A
+backend the bench has no driver for is still measured: forward through the
+public API, forward+backward through :func:`polycos.cosine_similarity_with_vjp`
+(if it is not an autodiff backend), lazy results materialised by its
+``to_numpy``.
 
-================== ============================================ ==========================
-op                 reads                                        writes
-================== ============================================ ==========================
-forward            ``x1 (N,D)``, ``x2 (N,D)``                   ``s (N,)``
-forward+backward   ``x1``, ``x2``, ``g (N,)``                   ``s``, ``g1 (N,D)``, ``g2``
-pairwise           ``x1 (N,D)``, ``x2 (M,D)``                   ``S (N,M)``
-pairwise+backward  ``x1``, ``x2``, ``G (N,M)``                  ``S``, ``g1``, ``g2``
-================== ============================================ ==========================
+Byte model (:func:`model_bytes`; elements, times the itemsize):
 
-The floor streams exactly those bytes with the framework's plainest fast
-operations: a full ``sum`` of every read array and a ``fill`` of every written
-one (NumPy ``x.sum()`` / ``np.empty(shape).fill(0)``, torch ``x.sum()`` /
-``torch.empty(shape).zero_()``, one ``jax.jit`` of ``jnp.sum`` and
-``jnp.full``, cupy ``x.sum()`` / ``out.fill(0)``). Outputs are freshly
-allocated on the CPU because every implementation must return new arrays, and
-the kernel's page faults on new memory cost about as much as writing it
-(2 × 64 MiB: 4.2 ms into touched buffers, 9.8 ms into new ones, on the 2-core
-EPYC); the GPU's memory pool reuses blocks, so cupy fills a preallocated one.
+=================== ================================================ =========================
+op                  reads, in the order an autodiff API must read    writes
+=================== ================================================ =========================
+forward             ``x1 (N,D)``, ``x2 (N,D)``                       ``s (N)``
+forward+backward    forward: ``x1``, ``x2``; backward: ``g (N)``,     ``s``, ``g1 (N,D)``,
+                    ``x1``, ``x2`` again                             ``g2 (N,D)``
+pairwise            ``x1 (N,D)``, ``x2 (M,D)``                       ``S (N,M)``
+pairwise+backward   forward: ``x1``, ``x2``; backward: ``G (N,M)``,   ``S``, ``g1 (N,D)``,
+                    ``x1``, ``x2`` again                             ``g2 (M,D)``
+=================== ================================================ =========================
+
+The backward reads the inputs a second time because autodiff runs it after the
+forward has returned (torch ``.backward()``, ``jax.value_and_grad``, the
+closure of :func:`polycos.cosine_similarity_with_vjp`): the upstream gradient
+does not exist while the forward streams the rows, and at the sizes measured
+the rows are no longer in cache. Residuals kept between the passes (per-row
+norms, ``O(N)``) are not counted: an implementation may keep or recompute them.
+
+The machine floor streams exactly those bytes with the fastest plain operation
+of any installed library, at the case's thread count: reads by a full ``sum``
+of each array read, in the order above (``numpy.sum``, ``torch.sum``, ``jnp.sum``
+under ``jax.jit``), writes by filling a newly allocated array of each written
+shape (``ndarray.fill``, ``np.copyto``, ``torch.Tensor.fill_``). New memory,
+because every implementation must return new arrays, and the kernel's page
+faults on new memory cost about as much as writing it. Per round, the floor is
+the fastest reader plus the fastest writer of that round.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,79 +59,104 @@ from typing import Any
 from polycos.bench._timing import Timer, cpu_timer
 
 __all__ = [
-    "BACKENDS",
+    "DEVICES",
+    "DRIVERS",
     "DTYPES",
+    "FLOOR",
+    "ITEMSIZE",
+    "KINDS",
     "OPS",
-    "SUITES",
+    "PAIRWISE",
+    "PEERS",
+    "ROWWISE",
+    "TIMERS",
     "Candidate",
     "Case",
     "Unavailable",
     "build_case",
+    "cuda_available",
     "io_shapes",
-    "suite_of",
+    "model_bytes",
+    "subject_device",
+    "subject_names",
 ]
 
-ROWWISE = ("forward", "forward+backward")
-PAIRWISE = ("pairwise", "pairwise+backward")
+ROWWISE: tuple[str, ...] = ("forward", "forward+backward")
+PAIRWISE: tuple[str, ...] = ("pairwise", "pairwise+backward")
 OPS: tuple[str, ...] = ROWWISE + PAIRWISE
 DTYPES: tuple[str, ...] = ("float32", "float64", "float16", "bfloat16")
+ITEMSIZE: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+KINDS: tuple[str, ...] = ("polycos", "peer", "floor", "floor-read", "floor-write")
 
-#: suite -> its polycos subjects (the names ``--backends`` accepts).
-SUITES: dict[str, tuple[str, ...]] = {
-    "numpy": ("numpy",),
-    "torch": ("torch", "torch-compile"),
-    "jax": ("jax",),
-    "dask": ("dask",),
-    "cupy": ("cupy",),
-    "torch-cuda": ("torch-cuda",),
-}
-BACKENDS: tuple[str, ...] = tuple(b for subs in SUITES.values() for b in subs)
-GPU_SUITES = ("cupy", "torch-cuda")
-
-#: dask runs only on small sizes (it is there to show the lazy path works, not to race).
-DASK_MAX_ELEMENTS = 1 << 22
-#: PyTorch's broadcast call materialises N*M*D elements (several times with autograd).
-BROADCAST_MAX_BYTES = 1 << 28
+#: Subjects a registry backend has besides its own name (framework drivers below).
+VARIANTS: dict[str, tuple[str, ...]] = {"torch": ("torch", "torch-compile", "torch-cuda")}
+#: Subjects that run on a GPU.
+CUDA_SUBJECTS: tuple[str, ...] = ("cupy", "torch-cuda")
+#: Subjects built with ``torch.compile`` (``compile=False`` leaves them out).
+COMPILED_SUBJECTS: tuple[str, ...] = ("torch-compile",)
+#: PyTorch's broadcast call materialises N*M*D elements (several times with autograd):
+#: 512 x 512 x 128 float32 takes 4 s forward+backward on the 2-core EPYC; it runs up to 32 MiB.
+BROADCAST_MAX_BYTES = 1 << 25
+EPS = 1e-8
 
 
 class Unavailable(Exception):
-    """A suite, subject or peer that cannot run here; the message says why."""
+    """A case, subject or peer that cannot run here; the message says why."""
 
 
-@dataclass
-class Candidate:
-    """One timed callable of a case."""
+def subject_names() -> tuple[str, ...]:
+    """Every subject name ``--backends`` accepts: the registry's backends and their variants."""
+    from polycos import _backends
 
-    name: str
-    kind: str  #: "polycos", "peer" or "floor"
-    fn: Callable[[], Any]
-
-
-@dataclass
-class Case:
-    """Everything timed together for one (suite, op, shape, dtype)."""
-
-    suite: str
-    op: str
-    shape: tuple[int, ...]
-    dtype: str
-    device: str
-    nbytes: int
-    timer: Timer
-    candidates: list[Candidate] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    names: list[str] = []
+    for entry in _backends.ENTRIES:
+        if entry.requires:  # "array_api" (any other library) has nothing to import or time
+            names += VARIANTS.get(entry.name, (entry.name,))
+    return tuple(dict.fromkeys(names))
 
 
-def suite_of(backend: str) -> str:
-    """The suite that measures a ``--backends`` name."""
-    for suite, subjects in SUITES.items():
-        if backend in subjects:
-            return suite
-    raise KeyError(backend)
+def subject_backend(subject: str) -> str:
+    """The registry backend a subject belongs to (``torch-compile`` -> ``torch``)."""
+    for backend, variants in VARIANTS.items():
+        if subject in variants:
+            return backend
+    return subject
+
+
+def cuda_available() -> str | None:
+    """``None`` when a CUDA GPU is usable by torch or CuPy, else why not."""
+    import importlib.util
+
+    reasons = []
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+        reasons.append("torch sees no CUDA device")
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                return None
+        except Exception:
+            pass
+        reasons.append("CuPy sees no CUDA device")
+    return "; ".join(reasons) or "neither torch nor CuPy is installed"
+
+
+def subject_device(subject: str) -> str:
+    """``"cuda"`` for GPU subjects, ``"cpu"`` otherwise."""
+    return "cuda" if subject in CUDA_SUBJECTS else "cpu"
+
+
+# --------------------------------------------------------------------------- byte model
 
 
 def io_shapes(op: str, shape: Sequence[int]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Shapes the op must read and write (the byte model of the module docstring).
+    """Shapes the op must read and write, in order (the byte model of the module docstring).
 
     Parameters
     ----------
@@ -126,274 +168,166 @@ def io_shapes(op: str, shape: Sequence[int]) -> tuple[list[tuple[int, ...]], lis
     Returns
     -------
     (list, list)
-        Shapes read and shapes written.
+        Shapes read (the backward's second read of the inputs included) and shapes written.
 
     Examples
     --------
     >>> io_shapes("forward", (4, 3))
     ([(4, 3), (4, 3)], [(4,)])
+    >>> io_shapes("forward+backward", (4, 3))
+    ([(4, 3), (4, 3), (4,), (4, 3), (4, 3)], [(4,), (4, 3), (4, 3)])
     >>> io_shapes("pairwise+backward", (4, 5, 3))
-    ([(4, 3), (5, 3), (4, 5)], [(4, 5), (4, 3), (5, 3)])
+    ([(4, 3), (5, 3), (4, 5), (4, 3), (5, 3)], [(4, 5), (4, 3), (5, 3)])
     """
     if op in ROWWISE:
         n, d = shape
-        reads, writes = [(n, d), (n, d)], [(n,)]
-        if op == "forward+backward":
-            reads, writes = [*reads, (n,)], [*writes, (n, d), (n, d)]
-    else:
+        a, b, out = (n, d), (n, d), (n,)
+    elif op in PAIRWISE:
         n, m, d = shape
-        reads, writes = [(n, d), (m, d)], [(n, m)]
-        if op == "pairwise+backward":
-            reads, writes = [*reads, (n, m)], [*writes, (n, d), (m, d)]
-    return reads, writes
+        a, b, out = (n, d), (m, d), (n, m)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    if op.endswith("backward"):
+        return [a, b, out, a, b], [out, a, b]
+    return [a, b], [out]
 
 
 def model_bytes(op: str, shape: Sequence[int], itemsize: int) -> int:
-    """Bytes the op must move at least: every read and written element once."""
+    """Bytes the op must move: every element of :func:`io_shapes` once.
+
+    Examples
+    --------
+    >>> model_bytes("forward", (32768, 256), 4) / 2**20  # two 32 MiB inputs and s
+    64.125
+    >>> model_bytes("forward+backward", (32768, 256), 4) / 2**20  # 6 N D + 2 N elements
+    192.25
+    """
     reads, writes = io_shapes(op, shape)
     return itemsize * sum(math.prod(s) for s in reads + writes)
 
 
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+# --------------------------------------------------------------------------- cases
 
 
-def _numpy_inputs(op: str, shape: Sequence[int], seed: int = 0) -> list[Any]:
-    """Random float64 NumPy inputs for the op (cast by each suite): ``x1, x2, g``."""
+@dataclass
+class Candidate:
+    """One timed callable of a case."""
+
+    name: str
+    kind: str  #: one of :data:`KINDS` except "floor" (the floor is computed from the parts)
+    backend: str | None  #: the library it belongs to (subjects: their registry backend)
+    fn: Callable[[], Any]
+    timer: Timer
+    call: str = ""  #: what it calls, in words (stored in the JSON)
+    compiles: bool = False  #: its first call compiles (``jax.jit``, ``torch.compile``)
+
+
+@dataclass
+class Case:
+    """Everything timed together for one ``(device, op, shape, dtype)``."""
+
+    device: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    candidates: list[Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    """The case's data as float64 NumPy arrays; each library converts them itself."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    x1: Any
+    x2: Any
+    g: Any  #: upstream gradient, the output's shape
+    cache: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)
+
+    def arrays(self, key: str, convert: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
+        """``x1, x2, g`` converted once per library (``key``), shared by its candidates."""
+        if key not in self.cache:
+            self.cache[key] = tuple(convert(a) for a in (self.x1, self.x2, self.g))  # type: ignore[assignment]
+        return self.cache[key]
+
+    def reads(self, x1: Any, x2: Any, g: Any) -> list[Any]:
+        """``x1, x2`` (and ``g, x1, x2`` for a backward) in the byte model's order."""
+        return [x1, x2, g, x1, x2] if self.op.endswith("backward") else [x1, x2]
+
+    @property
+    def writes(self) -> list[tuple[int, ...]]:
+        return io_shapes(self.op, self.shape)[1]
+
+
+def make_inputs(op: str, shape: Sequence[int], dtype: str, seed: int = 0) -> Inputs:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    reads, _ = io_shapes(op, shape)
-    x1 = rng.standard_normal(reads[0])
-    x2 = rng.standard_normal(reads[1])
-    g = np.ones(reads[2]) if len(reads) > 2 else np.ones(reads[0][:1])
-    return [x1, x2, g]
-
-
-def _module_attr(module: str, *attrs: str) -> Any:
-    """``module.attr`` for the first attr that exists, else :class:`Unavailable` with the reason."""
-    try:
-        mod = importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a half-written module failing at import
-        raise Unavailable(f"cannot import {module} ({type(exc).__name__}: {exc})") from None
-    for attr in attrs:
-        if hasattr(mod, attr):
-            return getattr(mod, attr)
-    raise Unavailable(f"{module} has no {' or '.join(attrs)} (yet)")
-
-
-def _require(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise Unavailable(f"{module} is not installed")
+    reads, writes = io_shapes(op, shape)
+    return Inputs(
+        op,
+        tuple(shape),
+        dtype,
+        rng.standard_normal(reads[0]),
+        rng.standard_normal(reads[1]),
+        rng.standard_normal(writes[0]),
+    )
 
 
 class _Builder:
-    """Collects candidates; a candidate whose construction raises :class:`Unavailable` becomes a note."""
+    """Collects candidates; one whose construction fails becomes a note instead."""
 
     def __init__(self, case: Case) -> None:
         self.case = case
 
-    def add(self, name: str, kind: str, make: Callable[[], Callable[[], Any]]) -> None:
+    def add(
+        self,
+        name: str,
+        kind: str,
+        backend: str | None,
+        make: Callable[[], Callable[[], Any]],
+        timer: Timer,
+        call: str = "",
+        compiles: bool | None = None,
+    ) -> None:
+        if compiles is None:
+            compiles = backend == "jax"  # everything JAX is timed under jax.jit
         try:
-            self.case.candidates.append(Candidate(name, kind, make()))
+            fn = make()
         except Unavailable as exc:
             self.case.notes.append(f"{name}: skipped, {exc}")
+            return
+        except Exception as exc:  # a library that cannot build this candidate here
+            self.case.notes.append(f"{name}: skipped, {_short(exc)}")
+            return
+        self.case.candidates.append(Candidate(name, kind, backend, fn, timer, call, compiles))
 
 
-# --------------------------------------------------------------------------- numpy
+def _short(exc: BaseException, limit: int = 200) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}".rstrip(": ")
 
 
-def _numpy_case(case: Case, subjects: Sequence[str]) -> None:
-    import numpy as np
+def _installed() -> list[str]:
+    from polycos import _backends
 
-    import polycos
-
-    if case.dtype == "bfloat16":
-        raise Unavailable("NumPy has no bfloat16")
-    dt = np.dtype(case.dtype)
-    x1, x2, g = (a.astype(dt) for a in _numpy_inputs(case.op, case.shape))
-    _, wshapes = io_shapes(case.op, case.shape)
-    reads = [x1, x2, g][: len(io_shapes(case.op, case.shape)[0])]
-    eps = 1e-8
-    b = _Builder(case)
-
-    def floor() -> Any:
-        # Fresh outputs, as every implementation must return: page-faulting new
-        # memory in costs about as much as writing it (see the module docstring).
-        for s in wshapes:
-            np.empty(s, dt).fill(0)
-        return [r.sum() for r in reads]
-
-    b.add("floor", "floor", lambda: floor)
-    if case.op == "forward":
-        b.add("numpy", "polycos", lambda: lambda: polycos.cosine_similarity(x1, x2))
-        b.add("numpy naive", "peer", lambda: lambda: _np_naive(x1, x2, eps))
-    elif case.op == "forward+backward":
-
-        def run() -> Any:  # forward, then its VJP reusing the forward's sums (like jax.vjp)
-            s, vjp = polycos.cosine_similarity_with_vjp(x1, x2)
-            return s, vjp(g)
-
-        b.add("numpy", "polycos", lambda: run)
-        b.add("numpy naive", "peer", lambda: lambda: _np_naive_vjp(g, x1, x2, eps))
-    else:
-        backward = case.op == "pairwise+backward"
-
-        def subject() -> Callable[[], Any]:
-            pw = _module_attr("polycos", "pairwise_cosine_similarity")
-            if not backward:
-                return lambda: pw(x1, x2)
-            vjp = _module_attr("polycos", "pairwise_cosine_similarity_vjp")
-            return lambda: (pw(x1, x2), vjp(g, x1, x2))
-
-        b.add("numpy", "polycos", subject)
-        b.add(
-            "normalise+matmul",
-            "peer",
-            lambda: lambda: _np_normmul(x1, x2, g if backward else None, eps),
-        )
-        if not backward:
-
-            def sk() -> Callable[[], Any]:
-                _require("sklearn")
-                from sklearn.metrics.pairwise import cosine_similarity as sk_cos
-
-                return lambda: sk_cos(x1, x2)
-
-            b.add("sklearn", "peer", sk)
-    if "numpy" not in subjects:
-        case.candidates = [c for c in case.candidates if c.kind != "polycos"]
+    return _backends.installed()
 
 
-def _np_naive(a: Any, b: Any, eps: float) -> Any:
-    """The textbook formula: ``(a*b).sum(1) / max(|a| |b|, eps)``."""
-    import numpy as np
-
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.maximum(den, eps)
+# --------------------------------------------------------------------------- timers
 
 
-def _np_naive_vjp(g: Any, a: Any, b: Any, eps: float) -> Any:
-    """The textbook formula and its textbook gradient, in plain NumPy."""
-    import numpy as np
+def _jax_timer() -> Timer:
+    import jax
 
-    n1 = np.maximum(np.linalg.norm(a, axis=1), eps)
-    n2 = np.maximum(np.linalg.norm(b, axis=1), eps)
-    s = (a * b).sum(1) / (n1 * n2)
-    g1 = (g / (n1 * n2))[:, None] * b - (g * s / n1**2)[:, None] * a
-    g2 = (g / (n1 * n2))[:, None] * a - (g * s / n2**2)[:, None] * b
-    return s, g1, g2
-
-
-def _np_normmul(a: Any, b: Any, gs: Any | None, eps: float) -> Any:
-    """Plain normalise-then-matmul (and its backward when ``gs`` is given)."""
-    import numpy as np
-
-    na = np.maximum(np.linalg.norm(a, axis=1, keepdims=True), eps)
-    nb = np.maximum(np.linalg.norm(b, axis=1, keepdims=True), eps)
-    an, bn = a / na, b / nb
-    s = an @ bn.T
-    if gs is None:
-        return s
-    da, db = gs @ bn, gs.T @ an
-    ga = (da - an * (da * an).sum(1, keepdims=True)) / na
-    gb = (db - bn * (db * bn).sum(1, keepdims=True)) / nb
-    return s, ga, gb
-
-
-# --------------------------------------------------------------------------- torch
-
-
-def _torch_case(case: Case, subjects: Sequence[str], device: str = "cpu") -> None:
-    _require("torch")
-    import torch
-    import torch.nn.functional as F
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise Unavailable("torch sees no CUDA device")
-    torch._dynamo.reset()  # fresh guards per case: no recompile limit across the grid
-    dt = getattr(torch, case.dtype)
-    arrays = [
-        torch.from_numpy(a).to(device=device, dtype=dt) for a in _numpy_inputs(case.op, case.shape)
-    ]
-    x1, x2, g = arrays
-    rshapes, wshapes = io_shapes(case.op, case.shape)
-    reads = arrays[: len(rshapes)]
-    writes = [torch.zeros(s, dtype=dt, device=device) for s in wshapes]
-    backward = case.op.endswith("backward")
-    eps = 1e-8
-    b = _Builder(case)
-
-    def floor() -> Any:
-        for w in writes:  # fresh outputs, as for NumPy
-            torch.empty_like(w).zero_()
-        return [r.sum() for r in reads]
-
-    b.add("floor", "floor", lambda: floor)
-    a1, a2 = x1.detach().clone().requires_grad_(), x2.detach().clone().requires_grad_()
-
-    def timed(f: Callable[[Any, Any], Any]) -> Callable[[], Any]:
-        """Forward on plain tensors, or forward + autograd backward with upstream ``g``."""
-        if not backward:
-            return lambda: f(x1, x2)
-
-        def run() -> Any:
-            s = f(a1, a2)
-            return s, torch.autograd.grad(s, (a1, a2), g)
-
-        return run
-
-    def compiled(f: Callable[..., Any]) -> Callable[..., Any]:
-        return torch.compile(f, fullgraph=True, dynamic=False)
-
-    eager_name = "torch-cuda" if device == "cuda" else "torch"
-    if case.op in ROWWISE:
-        if eager_name in subjects:
-            b.add(
-                eager_name,
-                "polycos",
-                lambda: timed(_module_attr("polycos.torch", "cosine_similarity")),
-            )
-        if "torch-compile" in subjects and device == "cpu":
-            b.add(
-                "torch-compile",
-                "polycos",
-                lambda: timed(compiled(_module_attr("polycos.torch", "cosine_similarity"))),
-            )
-        b.add("F.cosine_similarity", "peer", lambda: timed(F.cosine_similarity))
-        if device == "cpu":
-            b.add(
-                "compile(F.cosine_similarity)", "peer", lambda: timed(compiled(F.cosine_similarity))
-            )
-    else:
-
-        def pairwise() -> Callable[[Any, Any], Any]:
-            try:
-                return _module_attr("polycos.torch", "pairwise_cosine_similarity")
-            except Unavailable:
-                return _module_attr("polycos", "pairwise_cosine_similarity")
-
-        if eager_name in subjects:
-            b.add(eager_name, "polycos", lambda: timed(pairwise()))
-        if "torch-compile" in subjects and device == "cpu":
-            b.add("torch-compile", "polycos", lambda: timed(compiled(pairwise())))
-
-        def normmul(u: Any, v: Any) -> Any:
-            return F.normalize(u, dim=1, eps=eps) @ F.normalize(v, dim=1, eps=eps).T
-
-        b.add("normalise+matmul", "peer", lambda: timed(normmul))
-
-        def broadcast() -> Callable[[], Any]:
-            n, m, d = case.shape
-            if n * m * d * _ITEMSIZE[case.dtype] > BROADCAST_MAX_BYTES:
-                raise Unavailable(
-                    f"it materialises N*M*D = {n * m * d:,} elements (limit {BROADCAST_MAX_BYTES >> 20} MiB)"
-                )
-            return timed(lambda u, v: F.cosine_similarity(u[:, None, :], v[None, :, :], dim=2))
-
-        b.add("F.cosine_similarity broadcast", "peer", broadcast)
+    return cpu_timer(jax.block_until_ready)
 
 
 def _torch_cuda_timer() -> Timer:
+    """CUDA events around ``number`` back-to-back calls on torch's current stream."""
     import torch
 
     def timer(fn: Callable[[], Any], number: int) -> float:
@@ -410,289 +344,600 @@ def _torch_cuda_timer() -> Timer:
     return timer
 
 
-# --------------------------------------------------------------------------- jax
-
-
-def _jax_case(case: Case, subjects: Sequence[str]) -> None:
-    _require("jax")
-    import jax
-    import jax.numpy as jnp
-
-    if case.dtype == "float64" and not jax.config.jax_enable_x64:
-        raise Unavailable("float64 needs JAX_ENABLE_X64=1")
-    dt = getattr(jnp, case.dtype)
-    arrays = [jnp.asarray(a, dtype=dt) for a in _numpy_inputs(case.op, case.shape)]
-    x1, x2, g = arrays
-    rshapes, wshapes = io_shapes(case.op, case.shape)
-    reads = arrays[: len(rshapes)]
-    backward = case.op.endswith("backward")
-    eps = 1e-8
-    b = _Builder(case)
-
-    @jax.jit
-    def floor(v: Any, *rs: Any) -> Any:
-        return [jnp.sum(r) for r in rs], [jnp.full(s, v, dtype=dt) for s in wshapes]
-
-    zero = jnp.zeros((), dt)
-    b.add("floor", "floor", lambda: lambda: floor(zero, *reads))
-
-    def timed(f: Callable[[Any, Any], Any]) -> Callable[[], Any]:
-        """``jit(f)``, or ``jit(grad)`` of the op contracted with the upstream gradient."""
-        if not backward:
-            jf = jax.jit(f)
-            return lambda: jf(x1, x2)
-        jg = jax.jit(jax.value_and_grad(lambda u, v, w: jnp.sum(f(u, v) * w), argnums=(0, 1)))
-        return lambda: jg(x1, x2, g)
-
-    if case.op in ROWWISE:
-        if "jax" in subjects:
-            b.add("jax", "polycos", lambda: timed(_module_attr("polycos.jax", "cosine_similarity")))
-
-        def optax_peer() -> Callable[[], Any]:
-            _require("optax")
-            import optax
-
-            return timed(lambda u, v: optax.cosine_similarity(u, v, epsilon=eps))
-
-        b.add("optax.cosine_similarity", "peer", optax_peer)
-    else:
-
-        def pairwise() -> Callable[[Any, Any], Any]:
-            try:
-                return _module_attr("polycos.jax", "pairwise_cosine_similarity")
-            except Unavailable:
-                return _module_attr("polycos", "pairwise_cosine_similarity")
-
-        if "jax" in subjects:
-            b.add("jax", "polycos", lambda: timed(pairwise()))
-
-        def normmul(u: Any, v: Any) -> Any:
-            un = u / jnp.maximum(jnp.linalg.norm(u, axis=1, keepdims=True), eps)
-            vn = v / jnp.maximum(jnp.linalg.norm(v, axis=1, keepdims=True), eps)
-            return un @ vn.T
-
-        b.add("normalise+matmul", "peer", lambda: timed(normmul))
-
-
-# --------------------------------------------------------------------------- dask
-
-
-def _dask_case(case: Case, subjects: Sequence[str]) -> None:
-    _require("dask")
-    import dask
-    import dask.array as da
-    import numpy as np
-
-    import polycos
-
-    if case.op not in ROWWISE:
-        raise Unavailable("dask runs the row-wise ops only")
-    if case.dtype == "bfloat16":
-        raise Unavailable("NumPy (dask's chunks) has no bfloat16")
-    n, d = case.shape
-    if n * d > DASK_MAX_ELEMENTS:
-        raise Unavailable(f"dask runs only small sizes (N*D <= {DASK_MAX_ELEMENTS:,})")
-    dt = np.dtype(case.dtype)
-    chunks = (max(1, -(-n // 4)), d)
-    x1n, x2n, gn = (a.astype(dt) for a in _numpy_inputs(case.op, case.shape))
-    x1, x2, g = (
-        da.from_array(a, chunks=chunks if a.ndim == 2 else chunks[:1]) for a in (x1n, x2n, gn)
-    )
-    x1, x2, g = (a.persist() for a in (x1, x2, g))
-    _, wshapes = io_shapes(case.op, case.shape)
-    writes = [np.zeros(s, dt) for s in wshapes]
-    backward = case.op == "forward+backward"
-    reads = [x1, x2, g] if backward else [x1, x2]
-    eps = 1e-8
-    b = _Builder(case)
-
-    def floor() -> Any:
-        for w in writes:
-            w.fill(0)
-        return dask.compute(*[r.sum() for r in reads])
-
-    b.add("floor", "floor", lambda: floor)
-    if "dask" in subjects:
-        if backward:
-            b.add(
-                "dask",
-                "polycos",
-                lambda: (
-                    lambda: dask.compute(
-                        polycos.cosine_similarity(x1, x2), *polycos.cosine_similarity_vjp(g, x1, x2)
-                    )
-                ),
-            )
-        else:
-            b.add("dask", "polycos", lambda: lambda: polycos.cosine_similarity(x1, x2).compute())
-
-    def naive(u: Any, v: Any) -> Any:
-        return (u * v).sum(1) / da.maximum(
-            da.linalg.norm(u, axis=1) * da.linalg.norm(v, axis=1), eps
-        )
-
-    if not backward:
-        b.add("dask naive", "peer", lambda: lambda: naive(x1, x2).compute())
-
-
-# --------------------------------------------------------------------------- cupy
-
-
-def _cupy_case(case: Case, subjects: Sequence[str]) -> None:
-    _require("cupy")
+def _cupy_timer() -> Timer:
+    """CUDA events around ``number`` back-to-back calls on CuPy's current stream."""
     import cupy as cp
 
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            raise Unavailable("no CUDA device")
-    except Unavailable:
-        raise
-    except Exception as exc:
-        raise Unavailable(f"no CUDA device ({type(exc).__name__})") from None
-    if case.dtype == "bfloat16":
-        raise Unavailable("cupy has no bfloat16")
-    dt = cp.dtype(case.dtype)
-    arrays = [cp.asarray(a, dtype=dt) for a in _numpy_inputs(case.op, case.shape)]
-    x1, x2, g = arrays
-    rshapes, wshapes = io_shapes(case.op, case.shape)
-    reads = arrays[: len(rshapes)]
-    writes = [cp.zeros(s, dt) for s in wshapes]
-    backward = case.op.endswith("backward")
-    b = _Builder(case)
-
-    def floor() -> Any:
-        for w in writes:
-            w.fill(0)
-        return [r.sum() for r in reads]
-
-    b.add("floor", "floor", lambda: floor)
-    if case.op in ROWWISE and "cupy" in subjects:
-
-        def subject() -> Callable[[], Any]:
-            fwd = _module_attr("polycos.cupy", "cosine_similarity")
-            if not backward:
-                return lambda: fwd(x1, x2)
-            vjp = _module_attr("polycos.cupy", "cosine_similarity_vjp")
-            return lambda: (fwd(x1, x2), vjp(g, x1, x2))
-
-        b.add("cupy", "polycos", subject)
-    elif "cupy" in subjects:
-        b.add("cupy", "polycos", lambda: _cupy_pairwise(x1, x2, g, backward))
-
-    def torch_peer() -> Callable[[], Any]:
-        _require("torch")
-        import torch
-        import torch.nn.functional as F
-
-        if not torch.cuda.is_available():
-            raise Unavailable("torch sees no CUDA device")
-        t1, t2, tg = (torch.as_tensor(a, device="cuda") for a in (x1, x2, g))
-        f = (
-            F.cosine_similarity
-            if case.op in ROWWISE
-            else lambda u, v: F.normalize(u, dim=1) @ F.normalize(v, dim=1).T
-        )
-        if not backward:
-            return lambda: f(t1, t2)
-        a1, a2 = t1.clone().requires_grad_(), t2.clone().requires_grad_()
-
-        def run() -> Any:
-            s = f(a1, a2)
-            return s, torch.autograd.grad(s, (a1, a2), tg)
-
-        return run
-
-    b.add(
-        "torch CUDA F.cosine_similarity" if case.op in ROWWISE else "torch CUDA normalise+matmul",
-        "peer",
-        torch_peer,
-    )
-
-
-def _cupy_pairwise(x1: Any, x2: Any, g: Any, backward: bool) -> Callable[[], Any]:
-    pw = _module_attr("polycos", "pairwise_cosine_similarity")
-    if not backward:
-        return lambda: pw(x1, x2)
-    vjp = _module_attr("polycos", "pairwise_cosine_similarity_vjp")
-    return lambda: (pw(x1, x2), vjp(g, x1, x2))
-
-
-def _cupy_timer() -> Timer:
     def timer(fn: Callable[[], Any], number: int) -> float:
-        from cupyx.profiler import benchmark
-
-        result = benchmark(fn, n_repeat=number, n_warmup=0)
-        return float(result.gpu_times.mean())
+        cp.cuda.Device().synchronize()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end) / 1e3 / number
 
     return timer
 
 
-# --------------------------------------------------------------------------- entry point
+#: Timers of libraries whose calls return before the work is done.
+TIMERS: dict[str, Callable[[], Timer]] = {"jax": _jax_timer, "cupy": _cupy_timer}
 
-_BUILDERS: dict[str, Callable[[Case, Sequence[str]], None]] = {
-    "numpy": _numpy_case,
-    "torch": _torch_case,
-    "jax": _jax_case,
-    "dask": _dask_case,
-    "cupy": _cupy_case,
-    "torch-cuda": lambda case, subjects: _torch_case(case, subjects, device="cuda"),
+
+def _timer(backend: str, device: str = "cpu") -> Timer:
+    if backend == "torch" and device == "cuda":
+        return _torch_cuda_timer()
+    make = TIMERS.get(backend)
+    return make() if make is not None else cpu_timer(None)
+
+
+# --------------------------------------------------------------------------- the floor
+
+
+def _numpy_arrays(inp: Inputs) -> tuple[Any, Any, Any]:
+    import numpy as np
+
+    if inp.dtype == "bfloat16":
+        import ml_dtypes
+
+        dt: Any = ml_dtypes.bfloat16
+    else:
+        dt = np.dtype(inp.dtype)
+    return inp.arrays("numpy", lambda a: a.astype(dt))
+
+
+def _torch_arrays(inp: Inputs, device: str) -> tuple[Any, Any, Any]:
+    import torch
+
+    dt = getattr(torch, inp.dtype)
+    return inp.arrays(f"torch-{device}", lambda a: torch.from_numpy(a).to(device=device, dtype=dt))
+
+
+def _jax_arrays(inp: Inputs) -> tuple[Any, Any, Any]:
+    import jax.numpy as jnp
+
+    with _x64(inp.dtype):
+        dt = getattr(jnp, inp.dtype)
+        return inp.arrays("jax", lambda a: jnp.asarray(a, dtype=dt))
+
+
+def _floor_numpy(b: _Builder, inp: Inputs) -> None:
+    import numpy as np
+
+    x1, x2, g = _numpy_arrays(inp)
+    reads = inp.reads(x1, x2, g)
+    dt, writes = x1.dtype, inp.writes
+    timer = cpu_timer(None)
+    b.add("numpy.sum", "floor-read", "numpy", lambda: lambda: [r.sum() for r in reads], timer,
+          "x.sum() of each array read")
+
+    def fill() -> Any:
+        return [np.empty(s, dt).fill(0) for s in writes]
+
+    def copyto() -> Any:
+        return [np.copyto(np.empty(s, dt), 0) for s in writes]
+
+    b.add("ndarray.fill", "floor-write", "numpy", lambda: fill, timer,
+          "np.empty(shape).fill(0) of each array written")
+    b.add("np.copyto", "floor-write", "numpy", lambda: copyto, timer,
+          "np.copyto(np.empty(shape), 0) of each array written")
+
+
+def _floor_torch(b: _Builder, inp: Inputs, device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Unavailable("torch sees no CUDA device")
+    dt = getattr(torch, inp.dtype)
+    x1, x2, g = _torch_arrays(inp, device)
+    reads, writes = inp.reads(x1, x2, g), inp.writes
+    timer = _timer("torch", device)
+    b.add("torch.sum", "floor-read", "torch", lambda: lambda: [r.sum() for r in reads], timer,
+          "x.sum() of each tensor read")
+    b.add(
+        "torch.Tensor.fill_",
+        "floor-write",
+        "torch",
+        lambda: lambda: [torch.empty(s, dtype=dt, device=device).fill_(0) for s in writes],
+        timer,
+        "torch.empty(shape).fill_(0) of each tensor written",
+    )
+
+
+def _floor_jax(b: _Builder, inp: Inputs) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    x1, x2, g = _jax_arrays(inp)
+    with _x64(inp.dtype):
+        reads = inp.reads(x1, x2, g)  # the same buffer twice is two parameters: no CSE
+        total = jax.jit(lambda *rs: [jnp.sum(r) for r in rs])
+        fn = _in_x64(inp.dtype, lambda: total(*reads))
+    b.add("jnp.sum (jit)", "floor-read", "jax", lambda: fn, _jax_timer(),
+          "jax.jit of jnp.sum of each array read")
+
+
+def _floor_cupy(b: _Builder, inp: Inputs) -> None:
+    import cupy as cp
+
+    dt = cp.dtype(inp.dtype)
+    x1, x2, g = (cp.asarray(a, dtype=dt) for a in (inp.x1, inp.x2, inp.g))
+    reads, writes = inp.reads(x1, x2, g), inp.writes
+    timer = _cupy_timer()
+    b.add("cupy.sum", "floor-read", "cupy", lambda: lambda: [r.sum() for r in reads], timer,
+          "x.sum() of each array read")
+    b.add("cupy.ndarray.fill", "floor-write", "cupy",
+          lambda: lambda: [cp.empty(s, dt).fill(0) for s in writes], timer,
+          "cp.empty(shape).fill(0) of each array written (from CuPy's pool)")
+
+
+#: Libraries whose plain stream operations (reads by ``sum``, writes by filling new
+#: arrays) make the machine floor, by registry name: ``(builder, inputs, device)``.
+FLOOR: dict[str, Callable[[_Builder, Inputs, str], None]] = {
+    "numpy": lambda b, inp, dev: _floor_numpy(b, inp) if dev == "cpu" else None,
+    "torch": _floor_torch,
+    "jax": lambda b, inp, dev: _floor_jax(b, inp) if dev == "cpu" else None,
+    "cupy": lambda b, inp, dev: _floor_cupy(b, inp) if dev == "cuda" else None,
+}
+
+def _add_floor(b: _Builder, inp: Inputs, device: str) -> None:
+    for name in _installed():
+        builder = FLOOR.get(name)
+        if builder is None:
+            continue
+        try:
+            builder(b, inp, device)
+        except Unavailable as exc:
+            b.case.notes.append(f"floor ({name}): skipped, {exc}")
+        except Exception as exc:
+            b.case.notes.append(f"floor ({name}): skipped, {_short(exc)}")
+    kinds = {c.kind for c in b.case.candidates}
+    if not {"floor-read", "floor-write"} <= kinds:
+        raise Unavailable(f"no library can stream {inp.dtype} on {device} for the floor")
+
+
+# --------------------------------------------------------------------------- subjects: the public API
+
+
+def _x64(dtype: str) -> Any:
+    """JAX's float64 needs x64 (scoped, so float32 runs as users run it)."""
+    import contextlib
+
+    if dtype != "float64":
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.enable_x64(True)
+
+
+def _in_x64(dtype: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    if dtype != "float64":
+        return fn
+
+    def run() -> Any:
+        with _x64(dtype):
+            return fn()
+
+    return run
+
+
+def _public(op: str, broadcast: bool) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """``(value(x1, x2), with_vjp(x1, x2) -> (value, vjp))`` through polycos's public API."""
+    import polycos
+
+    if op in ROWWISE:
+        return polycos.cosine_similarity, polycos.cosine_similarity_with_vjp
+    if broadcast:  # the outer-product broadcast of G9 (SimCLR's spelling)
+
+        def value(a: Any, b: Any) -> Any:
+            return polycos.cosine_similarity(a[:, None, :], b[None, :, :], dim=2)
+
+        def with_vjp(a: Any, b: Any) -> Any:
+            return polycos.cosine_similarity_with_vjp(a[:, None, :], b[None, :, :], dim=2)
+
+        return value, with_vjp
+
+    def pairwise_with_vjp(a: Any, b: Any) -> Any:
+        s = polycos.pairwise_cosine_similarity(a, b)
+        return s, lambda grad: polycos.pairwise_cosine_similarity_vjp(grad, a, b)
+
+    return polycos.pairwise_cosine_similarity, pairwise_with_vjp
+
+
+def _generic(
+    b: _Builder, name: str, backend: Any, inp: Inputs, broadcast: bool,
+    materialise: Callable[..., Any] | None = None,
+    convert: Callable[[Any], Any] | None = None,
+) -> None:
+    """A subject through the public API on the backend's own arrays (no autodiff driver needed)."""
+    op = inp.op
+    label = f"{name} broadcast" if broadcast else name
+    value, with_vjp = _public(op, broadcast)
+    if materialise is None and backend.lazy:
+        def materialise(*outs: Any) -> Any:
+            return [backend.to_numpy(o) for o in outs]
+
+    done = materialise or (lambda *outs: outs)
+
+    def make() -> Callable[[], Any]:
+        x1, x2, g = inp.arrays(backend.name, convert or (lambda a: backend.from_numpy(a, inp.dtype)))
+        if not op.endswith("backward"):
+            return lambda: done(value(x1, x2))
+        if backend.autodiff:
+            raise Unavailable(f"polycos bench has no autodiff driver for {backend.name}")
+
+        def run() -> Any:
+            s, vjp = with_vjp(x1, x2)
+            return done(s, *vjp(g))
+
+        return run
+
+    what = "polycos public API" + (", then the returned vjp" if op.endswith("backward") else "")
+    b.add(label, "polycos", backend.name, make, _timer(backend.name), what)
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def _torch_subjects(b: _Builder, inp: Inputs, subjects: Sequence[str], device: str, compile: bool) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Unavailable("torch sees no CUDA device")
+    if compile and device == "cpu":
+        # Fresh guards per case: a grid of shapes and dtypes would otherwise hit dynamo's
+        # recompile limit (FailOnRecompileLimitHit under fullgraph=True).
+        torch._dynamo.reset()
+    t1, t2, tg = _torch_arrays(inp, device)
+    timer = _timer("torch", device)
+    eager = "torch-cuda" if device == "cuda" else "torch"
+    wanted = [(eager, False)]
+    if device == "cpu" and compile:
+        wanted.append(("torch-compile", True))
+    for name, compiled in wanted:
+        if name not in subjects:
+            continue
+        variants = (False, True) if inp.op in PAIRWISE and not compiled else (False,)
+        for broadcast in variants:
+            f = _public(inp.op, broadcast)[0]
+            label = f"{name} broadcast" if broadcast else name
+            fn_make = _torch_timed(inp.op, f, t1, t2, tg, compiled)
+            b.add(label, "polycos", "torch", fn_make, timer,
+                  ("torch.compile(fullgraph=True, dynamic=False) of " if compiled else "")
+                  + "the polycos public API" + (", .backward(g)" if inp.op.endswith("backward") else ""),
+                  compiles=compiled)
+
+
+def _torch_timed(
+    op: str, f: Callable[..., Any], t1: Any, t2: Any, tg: Any, compiled: bool
+) -> Callable[[], Callable[[], Any]]:
+    """Forward on plain tensors, or forward then ``.backward(g)`` on leaves (grads reset first)."""
+
+    def make() -> Callable[[], Any]:
+        import torch
+
+        fn = torch.compile(f, fullgraph=True, dynamic=False) if compiled else f
+        if not op.endswith("backward"):
+            return lambda: fn(t1, t2)
+        a1, a2 = t1.detach().clone().requires_grad_(), t2.detach().clone().requires_grad_()
+
+        def run() -> Any:
+            a1.grad = a2.grad = None  # no accumulation into old gradients
+            s = fn(a1, a2)
+            s.backward(tg)
+            return s, a1.grad, a2.grad
+
+        return run
+
+    return make
+
+
+def _torch_peers(b: _Builder, inp: Inputs, device: str, compile: bool) -> None:
+    import torch.nn.functional as F
+
+    t1, t2, tg = _torch_arrays(inp, device)
+    timer = _timer("torch", device)
+    bwd = ", .backward(g)" if inp.op.endswith("backward") else ""
+    if inp.op in ROWWISE:
+        if device == "cuda":
+            b.add("torch CUDA F.cosine_similarity", "peer", "torch",
+                  _torch_timed(inp.op, F.cosine_similarity, t1, t2, tg, False), timer,
+                  "torch.nn.functional.cosine_similarity eager" + bwd)
+            return
+        b.add("F.cosine_similarity", "peer", "torch",
+              _torch_timed(inp.op, F.cosine_similarity, t1, t2, tg, False), timer,
+              "torch.nn.functional.cosine_similarity eager" + bwd)
+        if compile:
+            b.add("torch.compile(F.cosine_similarity)", "peer", "torch",
+                  _torch_timed(inp.op, F.cosine_similarity, t1, t2, tg, True), timer,
+                  "torch.compile(fullgraph=True, dynamic=False) of F.cosine_similarity" + bwd,
+                  compiles=True)
+        return
+
+    def normmul(u: Any, v: Any) -> Any:
+        return F.normalize(u, dim=1, eps=EPS) @ F.normalize(v, dim=1, eps=EPS).T
+
+    name = "torch CUDA normalise+matmul" if device == "cuda" else "normalise+matmul (torch)"
+    b.add(name, "peer", "torch", _torch_timed(inp.op, normmul, t1, t2, tg, False), timer,
+          "F.normalize(a) @ F.normalize(b).T" + bwd)
+    if device == "cpu":
+        n, m, d = inp.shape
+
+        def broadcast() -> Callable[[], Any]:
+            nbytes = n * m * d * ITEMSIZE[inp.dtype]
+            if nbytes > BROADCAST_MAX_BYTES:
+                raise Unavailable(
+                    f"it materialises N*M*D = {n * m * d:,} elements, {nbytes / 2**20:,.0f} MiB "
+                    f"(limit {BROADCAST_MAX_BYTES >> 20} MiB)"
+                )
+            return _torch_timed(
+                inp.op, lambda u, v: F.cosine_similarity(u[:, None, :], v[None, :, :], dim=2),
+                t1, t2, tg, False,
+            )()
+
+        b.add("F.cosine_similarity broadcast", "peer", "torch", broadcast, timer,
+              "F.cosine_similarity(a[:, None], b[None], dim=2)" + bwd)
+
+
+# --------------------------------------------------------------------------- jax
+
+
+def _jax_timed(op: str, f: Callable[..., Any], inp: Inputs) -> Callable[[], Callable[[], Any]]:
+    """``jax.jit(f)``, or ``jax.jit(jax.value_and_grad)`` of ``sum(f(x1, x2) * g)``."""
+
+    def make() -> Callable[[], Any]:
+        import jax
+        import jax.numpy as jnp
+
+        x1, x2, g = _jax_arrays(inp)
+        with _x64(inp.dtype):
+            if not op.endswith("backward"):
+                jf = jax.jit(f)
+                return _in_x64(inp.dtype, lambda: jf(x1, x2))
+            jg = jax.jit(jax.value_and_grad(lambda u, v, w: jnp.sum(f(u, v) * w), argnums=(0, 1)))
+            return _in_x64(inp.dtype, lambda: jg(x1, x2, g))
+
+    return make
+
+
+def _jax_subjects(b: _Builder, inp: Inputs, subjects: Sequence[str]) -> None:
+    if "jax" not in subjects:
+        return
+    timer = _jax_timer()
+    bwd = "jax.jit(jax.value_and_grad) of sum(s * g)" if inp.op.endswith("backward") else "jax.jit"
+    for broadcast in (False, True) if inp.op in PAIRWISE else (False,):
+        f = _public(inp.op, broadcast)[0]
+        b.add("jax broadcast" if broadcast else "jax", "polycos", "jax", _jax_timed(inp.op, f, inp),
+              timer, f"{bwd} of the polycos public API")
+
+
+def _jax_peers(b: _Builder, inp: Inputs) -> None:
+    import jax.numpy as jnp
+
+    timer = _jax_timer()
+    how = "jax.jit(jax.value_and_grad) of sum(s * g)" if inp.op.endswith("backward") else "jax.jit"
+    if inp.op in ROWWISE:
+
+        def optax_peer() -> Callable[[], Any]:
+            import optax
+
+            return _jax_timed(inp.op, lambda u, v: optax.cosine_similarity(u, v, epsilon=EPS), inp)()
+
+        b.add("optax.cosine_similarity", "peer", "jax", optax_peer, timer,
+              f"{how} of optax.cosine_similarity")
+        return
+
+    def normmul(u: Any, v: Any) -> Any:
+        un = u / jnp.maximum(jnp.linalg.norm(u, axis=1, keepdims=True), EPS)
+        vn = v / jnp.maximum(jnp.linalg.norm(v, axis=1, keepdims=True), EPS)
+        return un @ vn.T
+
+    b.add("normalise+matmul (jax)", "peer", "jax", _jax_timed(inp.op, normmul, inp), timer,
+          f"{how} of (a / |a|) @ (b / |b|).T")
+
+
+# --------------------------------------------------------------------------- numpy, dask peers
+
+
+def _numpy_peers(b: _Builder, inp: Inputs) -> None:
+    if inp.dtype == "bfloat16":
+        raise Unavailable("NumPy has no bfloat16 arithmetic")
+    x1, x2, g = _numpy_arrays(inp)
+    timer = cpu_timer(None)
+    if inp.op == "forward":
+        b.add("numpy normalise+dot", "peer", "numpy", lambda: lambda: _np_normdot(x1, x2), timer,
+              "np.vecdot(a / |a|, b / |b|)")
+    elif inp.op == "forward+backward":
+        b.add("numpy normalise+dot", "peer", "numpy", lambda: lambda: _np_normdot_vjp(g, x1, x2), timer,
+              "np.vecdot(a / |a|, b / |b|) and its textbook gradient")
+    else:
+        backward = inp.op == "pairwise+backward"
+        b.add("normalise+matmul (numpy)", "peer", "numpy",
+              lambda: lambda: _np_normmul(x1, x2, g if backward else None), timer,
+              "(a / |a|) @ (b / |b|).T" + (" and its gradient by two matmuls" if backward else ""))
+        if not backward:
+
+            def sk() -> Callable[[], Any]:
+                from sklearn.metrics.pairwise import cosine_similarity as sk_cos
+
+                return lambda: sk_cos(x1, x2)
+
+            b.add("sklearn cosine_similarity", "peer", "numpy", sk, timer,
+                  "sklearn.metrics.pairwise.cosine_similarity")
+
+
+def _np_norms(a: Any) -> Any:
+    import numpy as np
+
+    return np.maximum(np.linalg.norm(a, axis=1, keepdims=True), EPS)
+
+
+def _np_normdot(a: Any, b: Any) -> Any:
+    """The plain baseline: normalise the rows, then one dot product per row."""
+    import numpy as np
+
+    return np.vecdot(a / _np_norms(a), b / _np_norms(b))
+
+
+def _np_normdot_vjp(g: Any, a: Any, b: Any) -> Any:
+    """The baseline and its textbook gradient, in plain NumPy."""
+    import numpy as np
+
+    na, nb = _np_norms(a), _np_norms(b)
+    an, bn = a / na, b / nb
+    s = np.vecdot(an, bn)
+    gc = g[:, None]
+    ga = gc * (bn - s[:, None] * an) / na
+    gb = gc * (an - s[:, None] * bn) / nb
+    return s, ga, gb
+
+
+def _np_normmul(a: Any, b: Any, gs: Any | None) -> Any:
+    """Plain normalise-then-matmul (and its backward when ``gs`` is given)."""
+    na, nb = _np_norms(a), _np_norms(b)
+    an, bn = a / na, b / nb
+    s = an @ bn.T
+    if gs is None:
+        return s
+    da, db = gs @ bn, gs.T @ an
+    ga = (da - an * (da * an).sum(1, keepdims=True)) / na
+    gb = (db - bn * (db * bn).sum(1, keepdims=True)) / nb
+    return s, ga, gb
+
+
+def _dask_compute(*outs: Any) -> Any:
+    import dask
+
+    return dask.compute(*outs)
+
+
+def _dask_subjects(b: _Builder, backend: Any, inp: Inputs, subjects: Sequence[str]) -> None:
+    if "dask" not in subjects:
+        return
+    def chunked(a: Any) -> Any:  # rows in 4 chunks: the chunk-wise path, not one block
+        x = backend.from_numpy(a, inp.dtype)
+        return x.rechunk((max(1, -(-a.shape[0] // 4)), *a.shape[1:])).persist()
+
+    for broadcast in (False, True) if inp.op in PAIRWISE else (False,):
+        _generic(b, "dask", backend, inp, broadcast, materialise=_dask_compute, convert=chunked)
+
+
+def _dask_peers(b: _Builder, inp: Inputs) -> None:
+    import dask.array as da
+
+    if inp.op != "forward" or inp.dtype == "bfloat16":
+        return
+    x1, x2, _ = _numpy_arrays(inp)
+    chunks = (max(1, -(-inp.shape[0] // 4)), inp.shape[1])
+    d1, d2 = (da.from_array(a, chunks=chunks).persist() for a in (x1, x2))
+
+    def naive() -> Any:
+        n1 = da.maximum(da.linalg.norm(d1, axis=1, keepdims=True), EPS)
+        n2 = da.maximum(da.linalg.norm(d2, axis=1, keepdims=True), EPS)
+        return ((d1 / n1) * (d2 / n2)).sum(1).compute()
+
+    b.add("dask normalise+dot", "peer", "dask", lambda: naive, cpu_timer(None),
+          "((a / |a|) * (b / |b|)).sum(1).compute()")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _default_subjects(b: _Builder, backend: Any, inp: Inputs, subjects: Sequence[str], device: str,
+                      compile: bool) -> None:
+    if device != subject_device(backend.name) or backend.name not in subjects:
+        return
+    for broadcast in (False, True) if inp.op in PAIRWISE else (False,):
+        _generic(b, backend.name, backend, inp, broadcast)
+
+
+#: Autodiff and subject drivers by registry name: ``(builder, backend, inputs, subjects, device, compile)``.
+DRIVERS: dict[str, Callable[..., None]] = {
+    "torch": lambda b, be, inp, subs, dev, comp: _torch_subjects(b, inp, subs, dev, comp),
+    "jax": lambda b, be, inp, subs, dev, comp: _jax_subjects(b, inp, subs) if dev == "cpu" else None,
+    "dask": lambda b, be, inp, subs, dev, comp: _dask_subjects(b, be, inp, subs) if dev == "cpu" else None,
+}
+#: Native peers by registry name: ``(builder, inputs, device, compile)``.
+PEERS: dict[str, Callable[[_Builder, Inputs, str, bool], None]] = {
+    "numpy": lambda b, inp, dev, comp: _numpy_peers(b, inp) if dev == "cpu" else None,
+    "torch": lambda b, inp, dev, comp: _torch_peers(b, inp, dev, comp),
+    "jax": lambda b, inp, dev, comp: _jax_peers(b, inp) if dev == "cpu" else None,
+    "dask": lambda b, inp, dev, comp: _dask_peers(b, inp) if dev == "cpu" else None,
 }
 
 
-def _timer_for(suite: str) -> Timer:
-    if suite == "jax":
-        import jax
-
-        return cpu_timer(jax.block_until_ready)
-    if suite == "cupy":
-        return _cupy_timer()
-    if suite == "torch-cuda":
-        return _torch_cuda_timer()
-    return cpu_timer(None)
-
-
 def build_case(
-    suite: str, op: str, shape: tuple[int, ...], dtype: str, subjects: Sequence[str]
+    op: str,
+    shape: Sequence[int],
+    dtype: str,
+    subjects: Sequence[str],
+    *,
+    device: str = "cpu",
+    compile: bool = True,
 ) -> Case:
-    """Build the candidates of one case.
+    """Build the floor parts, subjects and peers of one case.
 
     Parameters
     ----------
-    suite : str
-        A key of :data:`SUITES`.
     op : str
         One of :data:`OPS`.
-    shape : tuple of int
+    shape : sequence of int
         ``(N, D)`` for row-wise ops, ``(N, M, D)`` for pairwise ones.
     dtype : str
         One of :data:`DTYPES`.
     subjects : sequence of str
-        The polycos subjects of this suite to measure (a subset of ``SUITES[suite]``).
+        The polycos subjects to measure (names of :func:`subject_names`); their
+        backends' peers come with them.
+    device : str, optional
+        ``"cpu"`` or ``"cuda"`` (the subjects of that device).
+    compile : bool, optional
+        Include the ``torch.compile`` subject and peer (each compiles for seconds).
 
     Returns
     -------
     Case
-        With its floor, the available subjects and peers, and a note for each
-        candidate skipped.
+        With its floor parts, the available subjects and peers, and a note for
+        each one skipped.
 
     Raises
     ------
     Unavailable
-        When the whole suite cannot run this case (library missing, no GPU,
-        dtype unsupported, size out of the suite's range).
+        When no subject or no floor can run this case.
     """
-    device = "cuda" if suite in GPU_SUITES else "cpu"
-    case = Case(
-        suite,
-        op,
-        tuple(shape),
-        dtype,
-        device,
-        model_bytes(op, shape, _ITEMSIZE[dtype]),
-        cpu_timer(),
-    )
-    _BUILDERS[suite](case, subjects)
-    case.timer = _timer_for(suite)
+    from polycos import _backends
+
+    shape = tuple(shape)
+    case = Case(device, op, shape, dtype, model_bytes(op, shape, ITEMSIZE[dtype]))
+    b = _Builder(case)
+    inp = make_inputs(op, shape, dtype)
+    _add_floor(b, inp, device)
+    installed = _installed()
+    for name in installed:
+        wanted = [s for s in subjects if subject_backend(s) == name and subject_device(s) == device]
+        if not wanted:
+            continue
+        try:
+            backend = _backends.get(name)
+            driver = DRIVERS.get(name, _default_subjects)
+            driver(b, backend, inp, wanted, device, compile)
+        except Unavailable as exc:
+            case.notes.append(f"{name}: skipped, {exc}")
+        except Exception as exc:  # a backend that cannot run here (import error, no device)
+            case.notes.append(f"{name}: skipped, {_short(exc)}")
+    present = {c.backend for c in case.candidates if c.kind == "polycos"}
+    if device == "cuda" and "cupy" in present:
+        present.add("torch")  # cupy's peer is torch CUDA
+    for name in installed:
+        peers = PEERS.get(name)
+        if peers is None or name not in present:
+            continue
+        try:
+            peers(b, inp, device, compile)
+        except Unavailable as exc:
+            case.notes.append(f"peers ({name}): skipped, {exc}")
+        except Exception as exc:
+            case.notes.append(f"peers ({name}): skipped, {_short(exc)}")
     if not any(c.kind == "polycos" for c in case.candidates):
         raise Unavailable("; ".join(case.notes) or "no polycos subject available")
     return case

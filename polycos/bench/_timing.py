@@ -3,9 +3,11 @@
 The machine a benchmark runs on is rarely quiet (other processes, frequency
 changes, a shared CI box). Absolute times drift; ratios of measurements taken a
 few milliseconds apart drift much less. So every candidate of a case (the
-polycos subjects, the native peers and the bandwidth floor) is timed once per
-*round*, in a rotated order, and a ratio is the median over rounds of the
-per-round quotient, never a quotient of separately taken medians.
+polycos subjects, the native peers and the parts of the machine floor) is
+timed once per *round*, in a rotated order, and a ratio is the median over
+rounds of the per-round quotient, never a quotient of separately taken medians.
+The floor of a round is the fastest reader plus the fastest writer of that
+round (:func:`floor_samples`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "Timing",
     "calibrate",
     "cpu_timer",
+    "floor_samples",
     "interleaved",
     "median_ratio",
 ]
@@ -104,7 +107,7 @@ class Timing:
 
 
 def interleaved(
-    timer: Timer,
+    timer: Timer | Mapping[str, Timer],
     fns: dict[str, Callable[[], Any]],
     numbers: dict[str, int],
     rounds: int,
@@ -117,8 +120,8 @@ def interleaved(
 
     Parameters
     ----------
-    timer : Timer
-        Measures one sample of ``number`` calls.
+    timer : Timer or mapping
+        Measures one sample of ``number`` calls; or candidate name -> its timer.
     fns : dict
         Candidate name -> zero-argument callable (warmed up).
     numbers : dict
@@ -139,6 +142,7 @@ def interleaved(
         Candidate name -> :class:`Timing`.
     """
     names = list(fns)
+    timers = timer if isinstance(timer, Mapping) else dict.fromkeys(names, timer)
     out = {n: Timing(n, numbers[n]) for n in names}
     first = first or {}
     for r in range(rounds):
@@ -147,7 +151,36 @@ def interleaved(
             if first.get(name, 0.0) > slow and r >= min_rounds_slow:
                 out[name].samples.append(None)
                 continue
-            out[name].samples.append(timer(fns[name], numbers[name]))
+            out[name].samples.append(timers[name](fns[name], numbers[name]))
+    return out
+
+
+def floor_samples(
+    reads: Sequence[Sequence[float | None]], writes: Sequence[Sequence[float | None]]
+) -> list[float | None]:
+    """Per round: the fastest reader plus the fastest writer of that round.
+
+    Parameters
+    ----------
+    reads, writes : sequence of per-round samples
+        One sequence per library's stream operation (``None`` where it did not run).
+
+    Returns
+    -------
+    list of float or None
+        The floor of each round (``None`` when no reader or no writer ran in it).
+
+    Examples
+    --------
+    >>> floor_samples([[2.0, 3.0], [1.5, None]], [[1.0, 1.0]])
+    [2.5, 4.0]
+    """
+    rounds = max((len(s) for s in [*reads, *writes]), default=0)
+    out: list[float | None] = []
+    for r in range(rounds):
+        rs = [s[r] for s in reads if r < len(s) and s[r] is not None]
+        ws = [s[r] for s in writes if r < len(s) and s[r] is not None]
+        out.append(min(rs) + min(ws) if rs and ws else None)  # type: ignore[type-var]
     return out
 
 
