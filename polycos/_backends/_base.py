@@ -57,6 +57,8 @@ class Backend:
     lazy: ClassVar[bool] = False
     #: Concrete arrays whose values may be inspected cheaply (the range rescue runs only when needed).
     eager: ClassVar[bool] = False
+    #: Arrays expose element strides, stride 0 for broadcast views (NumPy, CuPy).
+    strided_views: ClassVar[bool] = False
     #: Dtypes the backend runs (by name); others are rejected by :meth:`accept`.
     dtypes: ClassVar[tuple[str, ...]] = ("float16", "bfloat16", "float32", "float64")
 
@@ -212,8 +214,20 @@ class Backend:
         return self.rowwise_vjp(g, call, residuals)
 
     def value_plan(self, call: Call) -> tuple[Any, Array, Array]:
-        """The outer-product plan for the forward *value* and the inputs it applies to."""
-        return call.outer, call.x1, call.x2
+        """The outer-product plan for the forward *value* and the inputs it applies to.
+
+        Where arrays expose element strides (``strided_views``: NumPy, CuPy), stride-0
+        broadcast views that hide an outer product (``np.broadcast_to(z[:, None], ...)``)
+        take the matrix path too, for the value only (:func:`polycos._outer.collapse_stride0`).
+        """
+        if not self.strided_views or call.outer is not None or len(call.shape) < 3 or call.empty:
+            return call.outer, call.x1, call.x2
+        from polycos import _outer
+
+        x1, x2 = _outer.collapse_stride0(call.x1, call.x2, len(call.shape))
+        if x1 is call.x1 and x2 is call.x2:
+            return None, x1, x2
+        return _outer.plan(call.shape, call.axis, tuple(x1.shape), tuple(x2.shape)), x1, x2
 
     # ------------------------------------------------------------------ leaves (the core)
 

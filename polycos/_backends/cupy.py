@@ -183,6 +183,7 @@ class CupyBackend(Backend):
     """cupy.ndarray on a CUDA device: the CUDA kernels row-wise, the core for products."""
 
     eager = True
+    strided_views = True
 
     @property
     def native(self) -> bool:
@@ -204,17 +205,6 @@ class CupyBackend(Backend):
 
     def device(self, x: Any) -> Any:
         return x.device
-
-    def value_plan(self, call: Call) -> tuple[Any, Any, Any]:
-        """Stride-0 broadcast views that hide an outer product take the matrix path too."""
-        from polycos import _outer
-
-        if call.outer is not None or len(call.shape) < 3 or call.empty:
-            return call.outer, call.x1, call.x2
-        x1, x2 = _outer.collapse_stride0(call.x1, call.x2, len(call.shape))
-        if x1 is call.x1 and x2 is call.x2:
-            return None, x1, x2
-        return _outer.plan(call.shape, call.axis, tuple(x1.shape), tuple(x2.shape)), x1, x2
 
     def _inputs(self, call: Call) -> tuple[Any, Any, int]:
         cupy = _cupy()

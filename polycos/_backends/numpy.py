@@ -52,6 +52,7 @@ class NumPyBackend(Backend):
     """NumPy: the CPU kernel, else the core; eager (values may be inspected)."""
 
     eager = True
+    strided_views = True
 
     @property
     def native(self) -> bool:
@@ -115,17 +116,6 @@ class NumPyBackend(Backend):
         return np.errstate(all="ignore")
 
     # ------------------------------------------------------------------ route
-
-    def value_plan(self, call: Call) -> tuple[Any, Any, Any]:
-        """Stride-0 broadcast views that hide an outer product take the matrix path too."""
-        if call.outer is not None or len(call.shape) < 3 or call.empty:
-            return call.outer, call.x1, call.x2
-        from polycos import _outer
-
-        x1, x2 = _outer.collapse_stride0(call.x1, call.x2, len(call.shape))
-        if x1 is call.x1 and x2 is call.x2:
-            return None, x1, x2
-        return _outer.plan(call.shape, call.axis, tuple(x1.shape), tuple(x2.shape)), x1, x2
 
     def rowwise_forward(self, call: Call) -> tuple[Any, Any]:
         k = _kernels()
