@@ -141,6 +141,8 @@ def test_records_carry_the_thread_count(command_run: tuple[dict[str, Any], str, 
     assert runs["1"]["threads"] == 1
     assert runs["all"]["threads"] == usable_cpus()
     assert runs["1"]["env"]["POLYCOS_NUM_THREADS"] == "1"
+    assert len(runs["1"]["cpus"]) == 1  # pinned: XLA sizes its pool by the CPUs it may use
+    assert len(runs["all"]["cpus"]) == usable_cpus()
     assert runs["all"]["env"]["POLYCOS_NUM_THREADS"] == str(usable_cpus())
     if "torch" in INSTALLED:
         assert runs["1"]["threads_by_library"]["torch"] == 1

@@ -9,7 +9,9 @@ polycos.bench._run --child``), because XLA and BLAS fix their thread pools when
 they are loaded: the child gets ``POLYCOS_NUM_THREADS``, ``OMP_NUM_THREADS``,
 ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` (and, for one thread,
 ``--xla_cpu_multi_thread_eigen=false`` in ``XLA_FLAGS``) before anything is
-imported, then sets ``torch.set_num_threads`` and dask's scheduler. The machine
+imported, pins itself to that many CPUs when the machine has more (XLA sizes
+its CPU pool by the CPUs it may use, whatever the flags say: :func:`pin`),
+then sets ``torch.set_num_threads`` and dask's scheduler. The machine
 floor, the subjects and the peers of a thread count are all measured in its
 child, interleaved, so every ratio is taken at one thread count.
 """
@@ -48,6 +50,7 @@ __all__ = [
     "Config",
     "default_threads",
     "measure_case",
+    "pin",
     "plan",
     "reference_threads",
     "run",
@@ -506,8 +509,32 @@ class ChildFailed(RuntimeError):
         )
 
 
+def pin(n: int) -> list[int] | None:
+    """Restrict this process to ``n`` of its CPUs (the first ones), if it may use more.
+
+    Thread counts alone do not bound every library: XLA's CPU client splits
+    reductions over a pool sized by the CPUs it may run on, even with
+    ``--xla_cpu_multi_thread_eigen=false`` (a ``jnp.sum`` of 32 MiB used 2 CPUs
+    "at one thread" on the 2-core EPYC). Called before any library is imported.
+
+    Returns
+    -------
+    list of int or None
+        The CPUs now allowed, or ``None`` when nothing was changed.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return None
+    if n >= len(cpus):
+        return None
+    os.sched_setaffinity(0, cpus[:n])
+    return cpus[:n]
+
+
 def _child_main(argv: list[str]) -> int:
     setting, cfg_path, out_path = argv
+    pinned = pin(resolve_threads(setting))
     with open(cfg_path) as f:
         raw = json.load(f)
     raw["rowwise"] = [tuple(x) for x in raw["rowwise"]]
@@ -518,6 +545,7 @@ def _child_main(argv: list[str]) -> int:
         print(PROGRESS + json.dumps({"i": i, "n": n, "desc": desc}), file=sys.stderr, flush=True)
 
     part = run_threads(config, setting, progress)
+    part["run"]["cpus"] = pinned if pinned is not None else sorted(os.sched_getaffinity(0))
     from polycos.bench._report import _finite
 
     with open(out_path, "w") as f:

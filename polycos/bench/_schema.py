@@ -123,6 +123,7 @@ RUN: dict[str, Any] = {
         "duration_s": _POS,
         "loadavg": {"type": "array"},
         "kernel": {"type": "object", "required": ["available"]},
+        "cpus": {"type": "array", "items": {"type": "integer", "minimum": 0}},
     },
 }
 
