@@ -146,23 +146,50 @@ class Residuals(NamedTuple):
 # =========================================================================== dtypes
 
 
+_DTYPE_NAMES: dict[Any, str] = {}  # NumPy builds ``dtype.name`` anew on every access (~3 us)
+
+
 def _dtype_name(dtype: Any) -> str:
     """``"float32"`` for a NumPy/JAX dtype or scalar type, a torch or array-api-strict dtype."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype-like
+        pass
     for attr in ("name", "__name__"):
         name = getattr(dtype, attr, None)
         if isinstance(name, str):
-            return name
-    return str(dtype).rsplit(".", 1)[-1]
+            break
+    else:
+        name = str(dtype).rsplit(".", 1)[-1]
+    try:
+        _DTYPE_NAMES[dtype] = name
+    except TypeError:
+        pass
+    return name
+
+
+_FLOAT64: dict[tuple[Any, Any], bool] = {}  # (namespace, device) -> float64 exists there
 
 
 def _has_float64(xp: Any, like: Array) -> bool:
     """Whether float64 exists on ``like``'s device (not on JAX without x64, nor on some devices)."""
+    device = None if like is None else _device(like)
+    try:
+        return _FLOAT64[xp, device]
+    except (KeyError, TypeError):
+        pass
     try:
         info = xp.__array_namespace_info__()
-        device = None if like is None else _device(like)
-        return "float64" in info.dtypes(device=device, kind="real floating")
+        found = "float64" in info.dtypes(device=device, kind="real floating")
     except Exception:
-        return hasattr(xp, "float64")
+        found = hasattr(xp, "float64")
+    # JAX's answer changes with ``jax_enable_x64`` (also as a scoped context): never cached.
+    if not getattr(xp, "__name__", "").startswith("jax"):
+        try:
+            _FLOAT64[xp, device] = found
+        except TypeError:
+            pass
+    return found
 
 
 def accumulation_dtype(xp: Any, dtype: Any, like: Array | None = None) -> Any:
