@@ -93,6 +93,7 @@ Mirrors (places that restate this module; each is tested against it)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -146,25 +147,31 @@ class Residuals(NamedTuple):
 # =========================================================================== dtypes
 
 
-_DTYPE_NAMES: dict[Any, str] = {}  # NumPy builds ``dtype.name`` anew on every access (~3 us)
+# NumPy builds ``dtype.name`` anew on every access (~3 us). Keyed by type first: dtypes of
+# different libraries may hash alike, and some warn when compared with another's.
+_DTYPE_NAMES: dict[tuple[type, Any], str] = {}
 
 
 def _dtype_name(dtype: Any) -> str:
     """``"float32"`` for a NumPy/JAX dtype or scalar type, a torch or array-api-strict dtype."""
-    try:
-        return _DTYPE_NAMES[dtype]
-    except (KeyError, TypeError):  # TypeError: an unhashable dtype-like
-        pass
+    # Only NumPy's dtypes (NumPy, JAX, ml_dtypes) are cached: their names are the slow ones,
+    # and torch.compile cannot trace a dict lookup keyed by other libraries' dtypes.
+    cached = type(dtype).__module__.startswith("numpy")
+    key = (type(dtype), dtype)
+    if cached:
+        try:
+            return _DTYPE_NAMES[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable dtype-like
+            pass
     for attr in ("name", "__name__"):
         name = getattr(dtype, attr, None)
         if isinstance(name, str):
             break
     else:
         name = str(dtype).rsplit(".", 1)[-1]
-    try:
-        _DTYPE_NAMES[dtype] = name
-    except TypeError:
-        pass
+    if cached:
+        with contextlib.suppress(TypeError):
+            _DTYPE_NAMES[key] = name
     return name
 
 
@@ -174,21 +181,23 @@ _FLOAT64: dict[tuple[Any, Any], bool] = {}  # (namespace, device) -> float64 exi
 def _has_float64(xp: Any, like: Array) -> bool:
     """Whether float64 exists on ``like``'s device (not on JAX without x64, nor on some devices)."""
     device = None if like is None else _device(like)
-    try:
-        return _FLOAT64[xp, device]
-    except (KeyError, TypeError):
-        pass
+    # Not cached for JAX (the answer follows ``jax_enable_x64``, also as a scoped context)
+    # nor torch (torch.compile cannot trace a dict keyed by devices; it answers statically).
+    name = getattr(xp, "__name__", "")
+    cached = "jax" not in name and "torch" not in name
+    if cached:
+        try:
+            return _FLOAT64[xp, device]
+        except (KeyError, TypeError):
+            pass
     try:
         info = xp.__array_namespace_info__()
         found = "float64" in info.dtypes(device=device, kind="real floating")
     except Exception:
         found = hasattr(xp, "float64")
-    # JAX's answer changes with ``jax_enable_x64`` (also as a scoped context): never cached.
-    if not getattr(xp, "__name__", "").startswith("jax"):
-        try:
+    if cached:
+        with contextlib.suppress(TypeError):
             _FLOAT64[xp, device] = found
-        except TypeError:
-            pass
     return found
 
 

@@ -547,6 +547,10 @@ inline int forward(int dtype, int acc, const void* x1, int nd1, const i64* shape
     call.x2 = x2;
     call.out = out;
     call.res = res;
+    if (res) {  // (rows, 5) of acc, C order: 5 values per row
+        const i64 n5[2] = {call.plan.rows, 5}, st5[2] = {5, 1};
+        advise_huge_pages(res, 2, n5, st5, itemsize(acc));
+    }
     const Plan& p = call.plan;
     if (p.astride[kFwdX1] == 1 && p.astride[kFwdX2] == 1) {
         call.layout = kRowContig;
