@@ -15,7 +15,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.array_api import make_strategies_namespace
 
@@ -179,6 +179,11 @@ def test_sharded_rows_over_two_devices() -> None:
 def test_matches_optax_where_eps_rules_agree(pair: tuple, eps: float) -> None:
     optax = pytest.importorskip("optax")
     # optax clamps the squared norm: max(n^2, epsilon) = max(n, eps)^2 with epsilon = eps^2.
+    # Where a norm is eps to within float32 rounding the rules tie, and jnp.maximum splits
+    # optax's gradient half and half between its branches: no common answer to compare.
+    for a in pair:
+        n = np.linalg.norm(np.asarray(a, np.float64), axis=-1)
+        assume(np.all(np.abs(n - eps) > 1e-6 * eps))
     a1, a2 = (jnp.asarray(a) for a in pair)
     ours = pj.cosine_similarity(a1, a2, dim=-1, eps=eps)
     theirs = optax.cosine_similarity(a1, a2, epsilon=eps**2)
