@@ -296,22 +296,6 @@ class Inputs:
 Timer = Callable[[Callable[[], Any], int], float]
 
 
-def _cupy_event_timer(cp: Any) -> Timer:
-    """CUDA events around ``number`` back-to-back calls (as ``_torch_cuda_timer`` does for torch)."""
-
-    def timer(fn: Callable[[], Any], number: int) -> float:
-        cp.cuda.Device().synchronize()
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        for _ in range(number):
-            fn()
-        end.record()
-        end.synchronize()
-        return cp.cuda.get_elapsed_time(start, end) / 1e3 / number
-
-    return timer
-
-
 def _jax_timer(stack: Stack) -> Timer:
     """Wall clock around ``number`` calls, waiting for the last result (XLA runs them in order).
 
@@ -332,14 +316,14 @@ def _jax_timer(stack: Stack) -> Timer:
 
 
 def _timers(stack: Stack) -> dict[str, Timer]:
-    from polycos.bench._suites import _torch_cuda_timer
+    from polycos.bench._suites import _cupy_timer, _torch_cuda_timer
     from polycos.bench._timing import cpu_timer
 
     out: dict[str, Timer] = {}
     if stack.torch is not None:
         out["torch"] = _torch_cuda_timer() if stack.cuda else cpu_timer(None)
     if stack.cupy is not None:
-        out["cupy"] = _cupy_event_timer(stack.cupy)
+        out["cupy"] = _cupy_timer()
     if stack.jax is not None:
         out["jax"] = _jax_timer(stack)
     return out

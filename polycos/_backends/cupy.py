@@ -104,6 +104,16 @@ def _result_strides(out: Operand, axis: int) -> tuple[int, ...]:
     return tuple(s)
 
 
+def _launch_plan(shape: tuple, axis: int, strides: list) -> tuple[Any, int, int, int]:
+    """``(layout, group, grid, block)`` of a launch over ``shape`` reducing ``axis`` (operands' ``strides``)."""
+    lay = launch.reduce_layout(shape, axis, strides)
+    if lay is None:
+        raise NeedContiguous(f"too many batch dimensions for the CUDA kernels in {shape}")
+    group = launch.choose_group(lay.length, lay.rows, lay.axis_strides[:2], lay.inner_strides[:2])
+    grid, block = launch.launch_config(lay.rows, group)
+    return lay, group, grid, block
+
+
 def launch_forward(dtype: str, x1: Operand, x2: Operand, axis: int, eps: float, out: Operand,
                    res_ptr: int = 0) -> None:
     """Forward into ``out`` (the result, any strides) and, with ``res_ptr``, the packed residuals.
@@ -113,12 +123,8 @@ def launch_forward(dtype: str, x1: Operand, x2: Operand, axis: int, eps: float, 
     Launched on CuPy's current stream. Raises :class:`NeedContiguous`.
     """
     shape = tuple(launch.broadcast_shape(x1[1], x2[1]))
-    lay = launch.reduce_layout(shape, axis, [_full_strides(x1, shape), _full_strides(x2, shape),
-                                             _result_strides(out, axis)])
-    if lay is None:
-        raise NeedContiguous(f"too many batch dimensions for the CUDA kernels in {shape}")
-    group = launch.choose_group(lay.length, lay.rows, lay.axis_strides[:2], lay.inner_strides[:2])
-    grid, block = launch.launch_config(lay.rows, group)
+    lay, group, grid, block = _launch_plan(shape, axis, [_full_strides(x1, shape), _full_strides(x2, shape),
+                                                         _result_strides(out, axis)])
     if not grid:
         return
     a, b, o = lay.batch_strides
@@ -140,12 +146,8 @@ def launch_backward(dtype: str, out_dtype: str, g: Operand, x1: Operand, x2: Ope
     out_shape = tuple(d for i, d in enumerate(shape) if i != axis)
     g_full = launch.broadcast_strides(g[1], g[2], out_shape)
     g_full = (*g_full[:axis], 0, *g_full[axis:])
-    lay = launch.reduce_layout(shape, axis, [_full_strides(x1, shape), _full_strides(x2, shape), g_full,
-                                             launch.c_strides(shape)])
-    if lay is None:
-        raise NeedContiguous(f"too many batch dimensions for the CUDA kernels in {shape}")
-    group = launch.choose_group(lay.length, lay.rows, lay.axis_strides[:2], lay.inner_strides[:2])
-    grid, block = launch.launch_config(lay.rows, group)
+    lay, group, grid, block = _launch_plan(shape, axis, [_full_strides(x1, shape), _full_strides(x2, shape),
+                                                         g_full, launch.c_strides(shape)])
     if not grid:
         return
     a, b, c, d = lay.batch_strides
