@@ -430,11 +430,93 @@ def test_operators_are_registered_with_fake_implementations() -> None:
     torch.library.opcheck(torch.ops.polycos.cosine_forward, (x, x.flip(0), 1, 1e-8))
     torch.library.opcheck(torch.ops.polycos.cosine_backward, (torch.ones(3), x, x.flip(0), res, 1, 1e-8))
     torch.library.opcheck(torch.ops.polycos.normalize_rows, (x, 1e-8))
+    torch.library.opcheck(torch.ops.polycos.cosine_value, (x, x.flip(0), 1, 1e-8))
+    y = torch.randn(4, 5)
+    for args in ((x, y, 1e-8), (x, None, 1e-8), (x[:, :1], y, 0.0), (torch.empty(0, 5), y, 1e-8)):
+        torch.library.opcheck(torch.ops.polycos.pairwise_forward, args)
     with FakeTensorMode():
         xf = torch.empty(2, 7, 5)
         o, r = torch.ops.polycos.cosine_forward(xf, xf, 1, 1e-8)
         assert o.shape == (2, 5)
         assert r.shape == (2, 5, 5)
+        assert torch.ops.polycos.cosine_value(xf, xf, 1, 1e-8).shape == (2, 5)
+        s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(xf, torch.empty(2, 3, 5), 1e-8)
+        assert (s.shape, h1.shape, st1.shape, h2.shape, st2.shape) == ((2, 7, 3), (2, 7, 5), (3, 2, 7, 1),
+                                                                        (2, 3, 5), (3, 2, 3, 1))
+
+
+def test_value_operator_is_the_forward_value_and_is_used_without_grad() -> None:
+    """Plain calls that no gradient follows take ``cosine_value`` (no residuals written): same bits."""
+    x, y = torch.randn(257, 16, generator=_gen(3)), torch.randn(257, 16, generator=_gen(4))
+    x[0] = 0.0
+    y[1, 3] = math.nan
+    value = torch.ops.polycos.cosine_value(x, y, 1, 1e-8)
+    assert torch.equal(value.nan_to_num(7.0), torch.ops.polycos.cosine_forward(x, y, 1, 1e-8)[0].nan_to_num(7.0))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        out = polycos.cosine_similarity(x, y)
+    assert "polycos.cosine_value.default" in ops.names
+    assert "polycos.cosine_forward.default" not in ops.names
+    assert torch.equal(out.nan_to_num(7.0), value.nan_to_num(7.0))
+    xr = x.clone().requires_grad_()
+    with Ops() as ops:  # a gradient follows: the autograd path, residuals kept
+        polycos.cosine_similarity(xr, y).sum().backward()
+    assert "polycos.cosine_forward.default" in ops.names
+    assert "polycos.cosine_value.default" not in ops.names
+    assert xr.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("self_similarity", [False, True])
+def test_pairwise_matrix_vjp_is_the_core_bit_for_bit(dtype: torch.dtype, self_similarity: bool) -> None:
+    """The 2-D fast VJP (``_pairwise_vjp_matrices``, a mirror of ``_core.pairwise_vjp``) equals the core's bits.
+
+    Rows of every regime: zero, below and at ``eps``, huge, NaN; both eps = 0 and
+    a large eps; the same residuals (the operator's) feed both.
+    """
+    x1 = torch.randn(9, 6, dtype=torch.float64, generator=_gen(11))
+    x2 = torch.randn(7, 6, dtype=torch.float64, generator=_gen(12))
+    x1[0], x1[1], x1[2] = 0.0, 1e-9, torch.finfo(dtype).max / 4
+    x1[3, 2] = math.nan
+    x2[0], x2[1] = 1e-3, 0.0
+    x1, x2 = x1.to(dtype), x2.to(dtype)
+    from polycos import _core
+
+    for eps in (0.0, 1e-8, 0.5):
+        b = None if self_similarity else x2
+        s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, b, eps)
+        if b is None:
+            h2, st2 = h1, st1
+        g = torch.randn(s.shape, dtype=torch.float64, generator=_gen(13)).to(dtype)
+        fast = backend._pairwise_vjp_matrices(g, x1, b, h1, st1, h2, st2, eps)
+        r1 = backend._row_norms(x1, h1, st1)
+        residuals = (r1, None if b is None else backend._row_norms(x2, h2, st2))
+        core = _core.pairwise_vjp(backend.xp, g, x1, b, eps, residuals)
+        for u, v in zip(fast, core, strict=True):
+            if v is None:
+                assert u is None
+                continue
+            assert u.dtype == v.dtype == dtype
+            torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_pairwise_dtype_table_is_the_cores() -> None:
+    from polycos import _core
+
+    for dtype, (work, acc, rescaled) in backend._PAIRWISE_DTYPES.items():
+        assert work == _core.product_dtype(backend.xp, dtype)
+        assert acc == _core.accumulation_dtype(backend.xp, dtype)
+        assert rescaled == _core.is_rescaled(dtype, acc)
 
 
 def test_operator_path_matches_the_core_in_torch_ops() -> None:

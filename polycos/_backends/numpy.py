@@ -123,6 +123,12 @@ class NumPyBackend(Backend):
             return super().rowwise_forward(call)
         return k.forward(call.x1, call.x2, call.axis, call.eps)
 
+    def rowwise_value(self, call: Call) -> Any:
+        k = _kernels()
+        if k is None or not call.shape:
+            return super().rowwise_value(call)
+        return k.forward(call.x1, call.x2, call.axis, call.eps, want_res=False)[0]
+
     def rowwise_vjp(self, g: Any, call: Call, residuals: Any) -> tuple[Any, Any]:
         k = _kernels()
         if k is None or not call.shape or isinstance(residuals, _core.Residuals):
