@@ -809,7 +809,11 @@ class TorchBackend(Backend):
             (x1,) = _autocast_inputs(x1)
         else:
             x1, x2 = _autocast_inputs(x1, x2)
-        return apply_pairwise(x1, x2, eps)
+        if _compiling() or _differentiated(x1, x1 if x2 is None else x2) or not kernel_ok(x1):
+            return apply_pairwise(x1, x2, eps)
+        if x2 is not None and not kernel_ok(x2):
+            return apply_pairwise(x1, x2, eps)
+        return torch.ops.polycos.pairwise_forward(x1, x2, eps)[0]  # no gradient follows: no autograd node
 
     def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
         if not torch.is_grad_enabled() and _plain_matrices(g, x1, x2):
