@@ -634,7 +634,7 @@ def _threads_for(work: int, nthreads: int | None) -> int:
 
 def normalize_pair(
     x1: np.ndarray, x2: np.ndarray | None, eps: float, *, work: bool = False, stats: bool = False,
-    nthreads: int | None = None,
+    out: np.ndarray | None = None, nthreads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`normalize_rows` of the rows of ``x1`` and then of ``x2``, in one call with little overhead.
 
@@ -645,13 +645,14 @@ def normalize_pair(
     ``work`` in the inputs' own dtype (rounded once from it: the pairwise
     VJP's product dtype); with ``stats``, ``st`` of shape ``(3, N + M)`` in the
     accumulation dtype holding ``cs``, ``ns``, ``m`` per row (``m = 1`` for
-    float32), else ``None``.
+    float32), else ``None``. ``out``: ``xhat`` preallocated (C-contiguous, of
+    that shape and dtype; the caller's scratch memory).
     """
     t, a, adt = _PLAIN[x1.dtype]
     n1, d = x1.shape
     n2 = 0 if x2 is None else x2.shape[0]
     rows = n1 + n2
-    xhat = np.empty((rows, d), x1.dtype if work else adt)
+    xhat = np.empty((rows, d), x1.dtype if work else adt) if out is None else out
     st = np.empty((3, rows), adt) if stats else None
     _check(
         _lib().polycos_normalize_pair(
