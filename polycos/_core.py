@@ -84,6 +84,11 @@ Mirrors (places that restate this module; each is tested against it)
   CUDA). The sums are the same sums evaluated in another order; :func:`finish`
   and :func:`grad_elementwise` are reproduced bit for bit
   (``tests/test_kernels_cpu.py``, ``tests/test_cupy_kernels.py``).
+* ``polycos/_kernels/cpu.cpp``, NumPy's lean pairwise path: ``polycos_normalize_pair``
+  (:func:`normalize_rows` for two inputs at once, bitwise the kernel's row
+  normalisation) and ``polycos_normalize_vjp`` (:func:`row_normalize_vjp`, the
+  projection summed in the accumulation dtype; against the core and an exact
+  reference in ``tests/test_kernels_cpu.py``).
 * ``polycos/_kernels/cuda_launch.py``: the accumulation dtypes per storage dtype for
   the CUDA launches (``tests/test_cupy_kernels.py``).
 * ``polycos/_backends/jax.py``: :func:`dots` as one XLA variadic reduce (and

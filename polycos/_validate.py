@@ -214,10 +214,49 @@ def validate(x1: Any, x2: Any, dim: Any, eps: Any, *, axis: Any = None) -> Call:
     return Call(backend, xp, p1, p2, shape, ax, eps, outer)
 
 
+#: ``(numpy.ndarray, its backend, its namespace, (float32, float64))`` once a NumPy
+#: pairwise call has been validated the long way: the common call is then
+#: recognised in a few attribute reads (:func:`_plain_pairwise`).
+_NUMPY: list[tuple[Any, Any, Any, tuple[Any, ...]]] = []
+
+
+def _plain_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall | None:
+    """The common NumPy pairwise call, validated in a few attribute reads; ``None`` for anything else.
+
+    Two plain ``numpy.ndarray`` of shapes ``(N, D)``, ``(M, D)`` (or ``x2=None``)
+    and one dtype, float32 or float64, and a Python float ``eps`` that is
+    finite and ``>= 0``: every check of the full path passes for these and
+    changes nothing (no promotion, no broadcast), so the call is the same
+    :class:`PairwiseCall`. Everything else, every error included, takes the
+    full path.
+    """
+    if not _NUMPY or type(eps) is not float:
+        return None
+    ndarray, backend, xp, dtypes = _NUMPY[0]
+    if type(x1) is not ndarray or x1.ndim != 2 or x1.dtype not in dtypes:
+        return None
+    if x2 is None:
+        m = x1.shape[0]
+    elif type(x2) is not ndarray or x2.ndim != 2 or x2.dtype != x1.dtype or x2.shape[1] != x1.shape[1]:
+        return None
+    else:
+        m = x2.shape[0]
+    if not 0.0 <= eps < math.inf:
+        return None
+    return PairwiseCall(backend, xp, x1, x2, eps + 0.0, (x1.shape[0], m))
+
+
 def validate_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall:
     """Check the arguments of a pairwise call (spec section 4)."""
+    call = _plain_pairwise(x1, x2, eps)
+    if call is not None:
+        return call
     given = (("x1", x1),) if x2 is None else (("x1", x1), ("x2", x2))
     backend, xp = _backend_and_namespace(given)
+    if not _NUMPY and backend.name == "numpy":
+        import numpy as np
+
+        _NUMPY.append((np.ndarray, backend, xp, (np.dtype(np.float32), np.dtype(np.float64))))
     accepted = backend.accept(xp, given)
     x1 = accepted[0]
     x2 = None if x2 is None else accepted[1]
@@ -249,6 +288,11 @@ def validate_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall:
 def check_grad(grad: Any, call: Call | PairwiseCall, shape: tuple) -> Any:
     """``grad`` of the inputs' library and device, real, broadcastable to ``shape``; cast to the call's dtype."""
     backend = call.backend
+    if (
+        _NUMPY and backend is _NUMPY[0][1] and type(grad) is _NUMPY[0][0]
+        and grad.dtype == call.dtype and grad.shape == tuple(shape)
+    ):  # a plain ndarray of the result's shape and dtype passes every check below unchanged
+        return grad
     if not backend.owns(grad):
         raise TypeError(
             f"grad must be an array of the same library as x1 and x2 ({backend.name}), "

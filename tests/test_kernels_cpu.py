@@ -357,6 +357,131 @@ def test_normalize_rows(dtype: str) -> None:
     assert same_values(got.cs, np.asarray(want.cs, dtype=got.cs.dtype))
 
 
+def _pairwise_rows(dtype: str, rows: int = 40, d: int = 37) -> np.ndarray:
+    """Rows over many scales, a zero row, a row below eps, a NaN row, a huge and a tiny row (float64)."""
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((rows, d)) * np.exp(rng.uniform(-5, 5, (rows, 1)))
+    x[3] = 0
+    x[5] *= 1e-12 / np.linalg.norm(x[5])
+    x[6, 4] = np.nan
+    if dtype == "float64":
+        x[7] *= 1e290
+        x[8] *= 1e-300
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("work", [False, True])
+def test_normalize_pair_is_normalize_rows_bitwise(dtype: str, work: bool) -> None:
+    """normalize_pair: both inputs' rows in one call, the bits of normalize_rows (xhat rounded once with work)."""
+    x1, x2 = _pairwise_rows(dtype, 40), _pairwise_rows(dtype, 23)[::-1].copy()
+    for eps in (0.0, 1e-8):
+        for second in (x2, None):
+            xh, stats = K.normalize_pair(x1, second, eps, work=work, stats=True)
+            parts = [K.normalize_rows(x, eps) for x in ((x1,) if second is None else (x1, second))]
+            want = np.concatenate([r.xhat for r in parts])
+            assert xh.dtype == (np.dtype(dtype) if work else np.float64)
+            assert same_bits(xh, want.astype(xh.dtype))
+            for i, field in enumerate(("cs", "ns", "m")):
+                assert same_bits(stats[i], np.concatenate([getattr(r, field)[:, 0] for r in parts]))
+            out = np.empty_like(xh)
+            got, none = K.normalize_pair(x1, second, eps, work=work, out=out)
+            assert got is out
+            assert none is None
+            assert same_bits(out, xh)
+
+
+def _normalize_vjp_reference(h: np.ndarray, v: np.ndarray, stats: np.ndarray, eps: float, rescaled: bool) -> np.ndarray:
+    """_core.row_normalize_vjp's formula in long double on the same (rounded) h, v and statistics."""
+    cs, ns, m = (np.asarray(stats[i], np.longdouble)[:, None] for i in range(3))
+    if not rescaled:
+        m = np.ones_like(m)
+    hw, vw = h.astype(np.longdouble), v.astype(np.longdouble)
+    with np.errstate(all="ignore"):
+        proj = np.where(ns > eps / m, np.sum(hw * vw, axis=1, keepdims=True), 0)
+        inv = np.where(cs == 0, 0, 1 / np.where(cs == 0, 1, cs))
+        return ((vw - proj * hw) * inv) / m
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_normalize_vjp_mirrors_core(dtype: str, eps: float) -> None:
+    """normalize_vjp (rows.h-style row kernel) against _core.row_normalize_vjp and an exact reference.
+
+    Not bitwise: the kernel sums <h, v> in the accumulation dtype (NumPy's vecdot
+    in the product dtype), so each element may differ by the rounding of that
+    sum; both are within a few ulp of the product dtype of the exact value.
+    """
+    x = _pairwise_rows(dtype)
+    rng = np.random.default_rng(32)
+    v = rng.standard_normal(x.shape).astype(dtype)
+    rescaled = dtype == "float64"
+    h, stats = K.normalize_pair(x, None, eps, work=True, stats=True)
+    want = _normalize_vjp_reference(h, v, stats, eps, rescaled)
+    got = K.normalize_vjp(h, v.copy(), stats, eps, rescaled=rescaled)
+    r = _core.normalize_rows(np, x, eps)
+    core = np.asarray(_core.row_normalize_vjp(np, r, v, eps, h))
+    tiny = np.finfo(dtype).eps
+    scale = np.max(np.abs(np.where(np.isfinite(want), want, 0)), axis=1, keepdims=True)
+    ok = np.isfinite(want)
+    for arr in (got, core):
+        assert arr.dtype == np.dtype(dtype)
+        err = np.abs(arr.astype(np.longdouble) - want)
+        assert np.all(np.where(ok, err <= 8 * tiny * scale, True))
+    assert np.array_equal(np.isnan(got), np.isnan(core))  # the NaN row, only
+    assert np.all(np.isnan(got[6]))
+    assert not np.isnan(np.delete(got, 6, axis=0)).any()
+    # a zero row: linear below eps (v / eps), zero with eps = 0
+    assert np.array_equal(got[3], core[3])
+    assert (eps > 0 or not got[3].any())
+    # the same bits on every thread count and ISA clone
+    big = np.tile(x, (300, 1))
+    hb, sb = K.normalize_pair(big, None, eps, work=True, stats=True)
+    vb = np.tile(v, (300, 1))
+    one = K.normalize_vjp(hb, vb.copy(), sb, eps, rescaled=rescaled, nthreads=1)
+    assert same_bits(one, K.normalize_vjp(hb, vb.copy(), sb, eps, rescaled=rescaled, nthreads=5))
+    for isa in ("baseline", "avx2"):
+        if K.isa_available(isa):
+            prev = K.set_isa(isa)
+            try:
+                assert same_bits(one, K.normalize_vjp(hb, vb.copy(), sb, eps, rescaled=rescaled, nthreads=1))
+            finally:
+                K.set_isa(prev)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("self_similarity", [False, True])
+@pytest.mark.parametrize("n", [3, 40, 300])
+def test_numpy_pairwise_lean_path_matches_general_path(dtype: str, self_similarity: bool, n: int) -> None:
+    """The NumPy backend's lean 2-D path: the general path's forward bits, its gradients to rounding."""
+    from polycos._backends import numpy as nb
+
+    x1 = np.tile(_pairwise_rows(dtype), (n // 40 + 1, 1))[:n]
+    x2 = None if self_similarity else _pairwise_rows(dtype, 23)[::-1].copy()
+    m = n if x2 is None else x2.shape[0]
+    g = np.random.default_rng(33).standard_normal((n, m)).astype(dtype)
+    for eps in (0.0, 1e-8):
+        with np.errstate(all="ignore"):
+            s = nb._forward_2d(K, x1, x2, eps)
+            want = _core.pairwise_forward(np, x1, x2, eps, native_product=nb._product,
+                                          native_normalize=nb._normalize())[0]
+            assert s.dtype == np.dtype(dtype)
+            assert same_bits(s, want)
+            got = nb._vjp_2d(K, g, x1, x2, eps)
+            ref = _core.pairwise_vjp(np, g, x1, x2, eps, native_normalize=nb._normalize())
+        for a, b in zip(got, ref, strict=True):
+            if b is None:
+                assert a is None
+                continue
+            assert a.dtype == b.dtype == np.dtype(dtype)
+            assert a.shape == b.shape
+            assert np.array_equal(np.isnan(a), np.isnan(b))
+            fin = np.isfinite(b)
+            scale = np.max(np.abs(np.where(fin, b, 0)), axis=1, keepdims=True)
+            tol = 64 * np.finfo(dtype).eps * (scale + np.abs(b))
+            assert np.all(np.where(fin, np.abs(a - b) <= tol, True))
+
+
 # --------------------------------------------------------------------------- determinism
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -154,14 +155,24 @@ class NumPyBackend(Backend):
             return _core.vjp(np, g, b1, b2, axis, eps, eager=True)
 
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
+        k = _kernels()
         with self.quiet():
+            if k is not None and _plain(x1, x2):
+                return _forward_2d(k, x1, x2, eps)
             return _core.pairwise_forward(
                 np, x1, x2, eps, native_product=_product, native_normalize=_normalize()
             )[0]
 
     def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+        k = _kernels()
         with self.quiet():
+            if k is not None and _plain(x1, x2) and g.shape == (x1.shape[0], (x1 if x2 is None else x2).shape[0]):
+                return _vjp_2d(k, g, x1, x2, eps)
             return _core.pairwise_vjp(np, g, x1, x2, eps, native_normalize=_normalize())
+
+    def pairwise_call_vjp(self, grad: Any, call: Any) -> tuple[Any, Any | None]:
+        g = grad if grad.shape == call.shape else np.broadcast_to(grad, call.shape)
+        return self.pairwise_vjp(g, call.x1, call.x2, call.eps)
 
     # ------------------------------------------------------------------ conversions
 
@@ -194,6 +205,121 @@ def _normalize() -> Any:
         return _core.RowNorms(xhat, cs, ns, m if _core.is_rescaled(x.dtype, acc) else None)
 
     return normalize
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+#: Scratch memory a thread keeps for the lean pairwise path's temporaries (the
+#: normalised rows, the float64 product of float32 inputs), at most this many
+#: bytes. Allocating and freeing such blocks call after call makes the C library
+#: hand pages back to the system and fault them in again (about 5 us a page on
+#: the 2-core benchmark machine: +0.8 ms at 256 x 256); above this size the
+#: matrix products dominate and temporaries are allocated as usual.
+SCRATCH_BYTES = 1 << 22
+#: Below this, temporaries are allocated as usual (glibc's default mmap threshold).
+SCRATCH_MIN_BYTES = 1 << 17
+_SCRATCH = threading.local()
+
+
+def _scratch(*specs: tuple[tuple[int, ...], Any]) -> list[Any] | None:
+    """Temporaries of the given ``(shape, dtype)`` in this thread's scratch memory.
+
+    ``None`` when they are small (below :data:`SCRATCH_MIN_BYTES` the C library
+    serves them from its pool at no cost) or too large. Never returned to a
+    caller: the next call on this thread overwrites them.
+    """
+    sizes = [-(-math.prod(shape) * dt.itemsize // 64) * 64 for shape, dt in specs]
+    total = sum(sizes)
+    if not SCRATCH_MIN_BYTES <= total <= SCRATCH_BYTES:
+        return None
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < total:
+        buf = _SCRATCH.buf = np.empty(max(total, 1 << 16), np.uint8)
+    out, at = [], 0
+    for (shape, dt), size in zip(specs, sizes, strict=True):
+        out.append(buf[at : at + math.prod(shape) * dt.itemsize].view(dt).reshape(shape))
+        at += size
+    return out
+
+
+def _plain(x1: Any, x2: Any | None) -> bool:
+    """The lean path's inputs: C-contiguous, aligned ``(N, D)`` float32/float64 of one dtype, no size 0.
+
+    (``x2`` ``(M, D)`` or ``None``.) This is the common call, and the one whose
+    fixed cost per call matters (small matrices); anything else takes the core
+    with the kernel's hooks, with the same values.
+    """
+    dt = x1.dtype
+    if x1.ndim != 2 or dt not in (_F32, _F64):
+        return False
+    f = x1.flags
+    if not (f.c_contiguous and f.aligned) or 0 in x1.shape:
+        return False
+    if x2 is None:
+        return True
+    f = x2.flags
+    return (
+        x2.ndim == 2 and x2.dtype == dt and f.c_contiguous and f.aligned
+        and x2.shape[1] == x1.shape[1] and x2.shape[0] > 0
+    )
+
+
+def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float) -> Any:
+    """:func:`polycos._core.pairwise_forward` for :func:`_plain` inputs: one kernel call, one product.
+
+    The same operations as the general path (the kernel's normalisation, the
+    float64 product, the clamp, one rounding to float32), so the same bits.
+    """
+    n, d = x1.shape
+    m = n if x2 is None else x2.shape[0]
+    f32 = x1.dtype == _F32
+    rows = n if x2 is None else n + m
+    # scratch: the normalised rows (+ their transposed copy for self-similarity, +
+    # the float64 product for float32 inputs); a float64 product is the result itself
+    specs = [((rows, d), _F64)] + ([((d, n), _F64)] if x2 is None else []) + ([((n, m), _F64)] if f32 else [])
+    tmp = _scratch(*specs)
+    if tmp is None:
+        xh, _ = k.normalize_pair(x1, x2, eps)
+        if n * m > PRODUCT_ELEMENTS:
+            return _product(xh[:n], None if x2 is None else xh[n:], x1.dtype)
+        tmp = [xh] + ([xh.T.copy()] if x2 is None else []) + ([None] if f32 else [])
+    else:
+        k.normalize_pair(x1, x2, eps, out=tmp[0])
+    xh = tmp[0]
+    if x2 is None:  # (self-similarity: gemm on a transposed copy, not syrk; see _product)
+        np.copyto(tmp[1], xh.T)
+        h2t = tmp[1]
+    else:
+        h2t = xh[n:].T
+    p = np.matmul(xh[:n], h2t, out=tmp[-1] if f32 else None)
+    np.maximum(p, -1.0, out=p)  # clip keeping NaN, as np.clip; rounding to float32 after it
+    return np.minimum(p, 1.0, out=np.empty((n, m), _F32) if f32 else p)
+
+
+def _vjp_2d(k: Any, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+    """:func:`polycos._core.pairwise_vjp` for :func:`_plain` inputs and ``g`` of ``S``'s shape.
+
+    One kernel call normalises the rows of both inputs straight into the
+    product dtype (the input dtype, float32 or float64), two matrix products
+    run in it, and one more kernel call applies the normalisation's VJP to
+    every row (:func:`polycos._kernels.normalize_vjp`, the mirror of
+    :func:`polycos._core.row_normalize_vjp`).
+    """
+    if g.dtype != x1.dtype:
+        g = g.astype(x1.dtype)
+    rescaled = x1.dtype == _F64
+    rows = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+    tmp = _scratch(((rows, x1.shape[1]), x1.dtype))
+    xh, st = k.normalize_pair(x1, x2, eps, work=True, stats=True, out=None if tmp is None else tmp[0])
+    if x2 is None:
+        v = np.matmul(g, xh)
+        v += np.matmul(g.T, xh)
+        return k.normalize_vjp(xh, v, st, eps, rescaled=rescaled), None
+    n = x1.shape[0]
+    v = np.empty_like(xh)
+    np.matmul(g, xh[n:], out=v[:n])
+    np.matmul(g.T, xh[:n], out=v[n:])
+    d = k.normalize_vjp(xh, v, st, eps, rescaled=rescaled)
+    return d[:n], d[n:]
 
 
 def _product(h1: Any, h2: Any | None, dtype: Any) -> Any:

@@ -61,8 +61,10 @@ __all__ = [
     "jax_backward",
     "jax_forward",
     "jax_normalize_rows",
+    "normalize_pair",
     "normalize_rows",
     "normalize_rows_ptr",
+    "normalize_vjp",
     "num_threads",
     "register_jax",
     "unavailable_reason",
@@ -131,6 +133,14 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "polycos_normalize_rows": (
         _int,
         [_int, _int, _vp, _int, _i64p, _i64p, _vp, _i64p, _vp, _vp, _vp, _dbl, _int],
+    ),
+    "polycos_normalize_pair": (
+        _int,
+        [_int, _int, _int, _vp, ctypes.c_int64, _vp, ctypes.c_int64, ctypes.c_int64, _vp, _vp, _dbl, _int],
+    ),
+    "polycos_normalize_vjp": (
+        _int,
+        [_int, _int, ctypes.c_int64, ctypes.c_int64, _vp, _vp, _vp, _int, _dbl, _vp, _int],
     ),
     "polycos_status_message": (ctypes.c_char_p, [_int]),
     "polycos_isa": (_int, []),
@@ -605,6 +615,76 @@ def normalize_rows(
     ptrs = [stats[i].ctypes.data for i in range(3)]
     normalize_rows_ptr(dtype, acc, ox, float(eps), oh, *ptrs, num_threads(nthreads))
     return RowNorms(xhat, stats[0], stats[1], stats[2])
+
+
+# --------------------------------------------------------------------------- pairwise fast path
+
+#: Work per call (elements touched) below which the kernel runs one thread
+#: whatever it is asked (``kMinWorkPerThread`` in ``cpu.cpp``, times two): the
+#: thread count need not be looked up for it.
+_ONE_THREAD_WORK = 1 << 17
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+#: Storage dtype -> (its code, its accumulation dtype's code, the accumulation dtype).
+_PLAIN: dict[Any, tuple[int, int, Any]] = {_F32: (2, 3, _F64), _F64: (3, 3, _F64)}
+
+
+def _threads_for(work: int, nthreads: int | None) -> int:
+    return 1 if nthreads is None and work < _ONE_THREAD_WORK else num_threads(nthreads)
+
+
+def normalize_pair(
+    x1: np.ndarray, x2: np.ndarray | None, eps: float, *, work: bool = False, stats: bool = False,
+    out: np.ndarray | None = None, nthreads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`normalize_rows` of the rows of ``x1`` and then of ``x2``, in one call with little overhead.
+
+    ``x1`` ``(N, D)`` and ``x2`` ``(M, D)`` (or ``None``): C-contiguous, aligned,
+    one dtype, float32 or float64 (the caller checks; this is the pairwise fast
+    path of the NumPy backend). Returns ``(xhat, st)``: ``xhat`` of shape
+    ``(N + M, D)``, ``x1``'s rows first, in the accumulation dtype, or with
+    ``work`` in the inputs' own dtype (rounded once from it: the pairwise
+    VJP's product dtype); with ``stats``, ``st`` of shape ``(3, N + M)`` in the
+    accumulation dtype holding ``cs``, ``ns``, ``m`` per row (``m = 1`` for
+    float32), else ``None``. ``out``: ``xhat`` preallocated (C-contiguous, of
+    that shape and dtype; the caller's scratch memory).
+    """
+    t, a, adt = _PLAIN[x1.dtype]
+    n1, d = x1.shape
+    n2 = 0 if x2 is None else x2.shape[0]
+    rows = n1 + n2
+    xhat = np.empty((rows, d), x1.dtype if work else adt) if out is None else out
+    st = np.empty((3, rows), adt) if stats else None
+    _check(
+        _lib().polycos_normalize_pair(
+            t, a, t if work else a, x1.ctypes.data, n1, None if x2 is None else x2.ctypes.data, n2, d,
+            xhat.ctypes.data, None if st is None else st.ctypes.data, eps, _threads_for(2 * rows * d, nthreads),
+        )
+    )
+    return xhat, st
+
+
+def normalize_vjp(
+    h: np.ndarray, v: np.ndarray, stats: np.ndarray, eps: float, *, rescaled: bool,
+    nthreads: int | None = None,
+) -> np.ndarray:
+    """``_core.row_normalize_vjp`` by the kernel, written over ``v`` (which is returned).
+
+    ``h`` (``xhat``) and ``v`` (the cotangent): C-contiguous ``(R, D)`` arrays
+    of one dtype, float32 or float64 (the product dtype); ``stats``:
+    :func:`normalize_pair`'s ``(3, R)`` ``cs``, ``ns``, ``m`` (accumulation
+    dtype; ``m`` read only when ``rescaled``). Per row,
+    ``d = (v - [ns > eps / m] <h, v> h) / cs / m``, ``<h, v>`` summed in the
+    accumulation dtype.
+    """
+    rows, d = h.shape
+    pv = v.ctypes.data
+    _check(
+        _lib().polycos_normalize_vjp(
+            2 if h.dtype == _F32 else 3, 3 if stats.dtype == _F64 else 2, rows, d, h.ctypes.data, pv,
+            stats.ctypes.data, int(rescaled), eps, pv, _threads_for(3 * rows * d, nthreads),
+        )
+    )
+    return v
 
 
 # --------------------------------------------------------------------------- test hooks

@@ -414,15 +414,17 @@ inline int current_isa() {
 
 typedef void (*RangeFn)(const Call&, i64, i64);
 struct Kernels {
-    RangeFn forward, backward, normalize;
+    RangeFn forward, backward, normalize, normalize_vjp;
 };
 
 inline Kernels kernels_for(int isa) {
 #if POLYCOS_HAVE_AVX2_CLONE
-    if (isa == kIsaAvx2) return {isa_avx2::run_forward, isa_avx2::run_backward, isa_avx2::run_normalize};
+    if (isa == kIsaAvx2) return {isa_avx2::run_forward, isa_avx2::run_backward, isa_avx2::run_normalize,
+                isa_avx2::run_normalize_vjp};
 #endif
     (void)isa;
-    return {isa_baseline::run_forward, isa_baseline::run_backward, isa_baseline::run_normalize};
+    return {isa_baseline::run_forward, isa_baseline::run_backward, isa_baseline::run_normalize,
+            isa_baseline::run_normalize_vjp};
 }
 
 // ------------------------------------------------------------------ argument handling
@@ -650,10 +652,13 @@ inline int backward(int dtype, int acc, int out_dtype, const void* x1, int nd1, 
 
 // ------------------------------------------------------------------ normalize_rows
 
+// out_dtype: the dtype of xhat, acc (default, -1) or dtype.
 inline int normalize(int dtype, int acc, const void* x, int ndx, const i64* shape, const i64* strides,
                      void* xhat, const i64* xhat_strides, void* cs, void* ns, void* m, double eps,
-                     int nthreads) {
+                     int nthreads, int out_dtype = -1) {
     if (!valid_dtype(dtype) || !valid_pair(dtype, acc)) return kBadDtype;
+    if (out_dtype < 0) out_dtype = acc;
+    if (out_dtype != acc && out_dtype != dtype) return kBadDtype;
     if (ndx < 1 || ndx > kMaxRank) return kBadRank;
     for (int d = 0; d < ndx; ++d)
         if (shape[d] < 0) return kBadShape;
@@ -665,19 +670,47 @@ inline int normalize(int dtype, int acc, const void* x, int ndx, const i64* shap
     Call call;
     call.dtype = dtype;
     call.acc = acc;
+    call.out_dtype = out_dtype;
     call.eps = eps_for(eps, acc);
     if (int s = make_plan(ndx, shape, ndx - 1, 2, st, call.plan)) return s;
     if (call.plan.rows == 0) return kOk;
     if ((!x || !xhat) && call.plan.n > 0) return kBadArgument;
     call.x1 = x;
     call.out = xhat;
-    advise_huge_pages(xhat, ndx, shape, st[kNrmXhat], itemsize(acc));
+    advise_huge_pages(xhat, ndx, shape, st[kNrmXhat], itemsize(out_dtype));
     call.cs = cs;
     call.ns = ns;
     call.m = m;
     call.layout = (call.plan.astride[kNrmX] == 1 && call.plan.astride[kNrmXhat] == 1) ? kRowContig
                                                                                      : kRowStrided;
     return run_guarded(call, kernels_for(current_isa()).normalize, 2 * call.plan.n + 1, nthreads);
+}
+
+// ------------------------------------------------------------------ the normalisation's VJP
+
+// _core.row_normalize_vjp on `rows` contiguous rows of n values: h, v and d of
+// dtype (float32 or float64: the pairwise VJP's product dtype), cs, ns, m of acc
+// (one value per row; m null where the dtype is not rescaled).
+inline int normalize_vjp(int dtype, int acc, i64 rows, i64 n, const void* h, const void* v, const void* cs,
+                         const void* ns, const void* m, double eps, void* d, int nthreads) {
+    if (!((dtype == kF32 && (acc == kF32 || acc == kF64)) || (dtype == kF64 && acc == kF64))) return kBadDtype;
+    if (rows < 0 || n < 0) return kBadShape;
+    if (rows == 0 || n == 0) return kOk;
+    if (rows > INT64_MAX / n) return kTooLarge;
+    if (!h || !v || !cs || !ns || !d) return kBadArgument;
+    Call call;
+    call.dtype = dtype;
+    call.acc = acc;
+    call.eps = eps_for(eps, acc);
+    call.plan.rows = rows;
+    call.plan.n = n;
+    call.x1 = h;
+    call.x2 = v;
+    call.out = d;
+    call.cs = const_cast<void*>(cs);
+    call.ns = const_cast<void*>(ns);
+    call.m = const_cast<void*>(m);
+    return run_guarded(call, kernels_for(current_isa()).normalize_vjp, 3 * n + 1, nthreads);
 }
 
 }  // namespace polycos_cpu
@@ -729,6 +762,52 @@ POLYCOS_API int polycos_normalize_rows(int dtype, int acc, const void* x, int nd
                                        void* cs, void* ns, void* m, double eps, int nthreads) {
     return polycos_cpu::normalize(dtype, acc, x, nd, (const i64*)shape, (const i64*)strides, xhat,
                                   (const i64*)xhat_strides, cs, ns, m, eps, nthreads);
+}
+
+// The pairwise fast path (NumPy): the rows of x1 (rows1 x n) and then of x2
+// (rows2 x n; rows2 = 0 for none), both C-contiguous, normalised into one
+// C-contiguous (rows1 + rows2) x n array xhat of out_dtype (acc, or dtype:
+// rounded once), and, when stats is not NULL, per-row cs, ns, m of acc into
+// stats[0:R], stats[R:2R], stats[2R:3R] (R = rows1 + rows2).
+POLYCOS_API int polycos_normalize_pair(int dtype, int acc, int out_dtype, const void* x1, int64_t rows1,
+                                       const void* x2, int64_t rows2, int64_t n, void* xhat, void* stats,
+                                       double eps, int nthreads) {
+    if (rows1 < 0 || rows2 < 0 || n < 0) return polycos_cpu::kBadShape;
+    if (!polycos_cpu::valid_dtype(acc)) return polycos_cpu::kBadDtype;
+    const int asz = polycos_cpu::itemsize(acc);
+    const int osz = polycos_cpu::itemsize(out_dtype < 0 ? acc : out_dtype);
+    const i64 total = rows1 + rows2;
+    char* st = static_cast<char*>(stats);
+    const i64 strides[2] = {n, 1};
+    const void* xs[2] = {x1, x2};
+    const i64 rows[2] = {rows1, rows2};
+    i64 first = 0;
+    for (int k = 0; k < 2; ++k) {
+        if (rows[k] == 0) continue;
+        const i64 shape[2] = {rows[k], n};
+        char* cs = st ? st + first * asz : nullptr;
+        char* ns = st ? st + (total + first) * asz : nullptr;
+        char* m = st ? st + (2 * total + first) * asz : nullptr;
+        const int r = polycos_cpu::normalize(dtype, acc, xs[k], 2, shape, strides,
+                                             static_cast<char*>(xhat) + first * n * osz, strides, cs, ns, m,
+                                             eps, nthreads, out_dtype);
+        if (r != 0) return r;
+        first += rows[k];
+    }
+    return 0;
+}
+
+// The VJP of the row normalisation (_core.row_normalize_vjp) on rows x n
+// C-contiguous arrays h (xhat), v (cotangent), d (result; may be v itself) of
+// dtype (float32 or float64), with per-row cs, ns, m of acc at stats[0:rows],
+// stats[rows:2 rows], stats[2 rows:3 rows] (m read only when rescaled).
+POLYCOS_API int polycos_normalize_vjp(int dtype, int acc, int64_t rows, int64_t n, const void* h, const void* v,
+                                      const void* stats, int rescaled, double eps, void* d, int nthreads) {
+    if (!polycos_cpu::valid_dtype(acc)) return polycos_cpu::kBadDtype;
+    const char* st = static_cast<const char*>(stats);
+    const int asz = polycos_cpu::itemsize(acc);
+    return polycos_cpu::normalize_vjp(dtype, acc, rows, n, h, v, st, st ? st + rows * asz : nullptr,
+                                      (st && rescaled) ? st + 2 * rows * asz : nullptr, eps, d, nthreads);
 }
 
 POLYCOS_API const char* polycos_status_message(int code) {
@@ -2017,8 +2096,8 @@ void backward_columns(const Call& c, i64 r0, i64 r1) {
 
 // _core.normalize_rows for one row: m = max|x| (rescaling dtypes), the
 // (compensated) norm of b = x / m, xhat = b / c.
-template <class Cf, bool CONTIG>
-void normalize_row(const typename Cf::T* x, i64 s, typename Cf::A* xh, i64 sh, i64 n, typename Cf::A eps,
+template <class Cf, typename O, bool CONTIG>
+void normalize_row(const typename Cf::T* x, i64 s, O* xh, i64 sh, i64 n, typename Cf::A eps,
                    polycos_rows::RowNorm<typename Cf::A>& out) {
     typedef typename Lanes<Cf>::N N;
     typedef typename Cf::A A;
@@ -2046,11 +2125,13 @@ void normalize_row(const typename Cf::T* x, i64 s, typename Cf::A* xh, i64 sh, i
         N b[K];
         load_lanes<Cf, CONTIG>(x + k * s, s, cnt, b);
         for (int j = 0; j < K; ++j) b[j] = (div ? b[j] / m : b[j]) / c;
-        store_lanes<A, A, L, CONTIG>(xh + k * sh, sh, cnt, b);
+        store_lanes<O, A, L, CONTIG>(xh + k * sh, sh, cnt, b);
     }
 }
 
-template <class Cf, bool CONTIG>
+// xhat is written in O: the accumulation dtype, or the storage dtype (rounded
+// once from the accumulation dtype, as _core casts r.xhat for the VJP's products).
+template <class Cf, typename O, bool CONTIG>
 void normalize_rows(const Call& c, i64 r0, i64 r1) {
     typedef typename Cf::T T;
     typedef typename Cf::A A;
@@ -2059,7 +2140,7 @@ void normalize_rows(const Call& c, i64 r0, i64 r1) {
     cur.seek(p, r0);
     for (i64 r = r0; r < r1; ++r) {
         polycos_rows::RowNorm<A> nr;
-        normalize_row<Cf, CONTIG>((const T*)c.x1 + cur.off[kNrmX], p.astride[kNrmX], (A*)c.out + cur.off[kNrmXhat],
+        normalize_row<Cf, O, CONTIG>((const T*)c.x1 + cur.off[kNrmX], p.astride[kNrmX], (O*)c.out + cur.off[kNrmXhat],
                                   p.astride[kNrmXhat], p.n, A(c.eps), nr);
         if (c.cs) ((A*)c.cs)[r] = nr.cs;
         if (c.ns) ((A*)c.ns)[r] = nr.ns;
@@ -2091,9 +2172,56 @@ template <class Cf> void backward_dispatch(const Call& c, i64 r0, i64 r1) {
     return backward_dispatch_out<Cf, typename Cf::A>(c, r0, r1);
 }
 
+template <class Cf, typename O> void normalize_dispatch_out(const Call& c, i64 r0, i64 r1) {
+    if (c.layout == kRowContig) return normalize_rows<Cf, O, true>(c, r0, r1);
+    return normalize_rows<Cf, O, false>(c, r0, r1);
+}
+
 template <class Cf> void normalize_dispatch(const Call& c, i64 r0, i64 r1) {
-    if (c.layout == kRowContig) return normalize_rows<Cf, true>(c, r0, r1);
-    return normalize_rows<Cf, false>(c, r0, r1);
+    if (c.out_dtype == DtypeOf<typename Cf::T>::code) return normalize_dispatch_out<Cf, typename Cf::T>(c, r0, r1);
+    return normalize_dispatch_out<Cf, typename Cf::A>(c, r0, r1);
+}
+
+// ------------------------------------------------------------------ pairwise: the normalisation's VJP
+
+// _core.row_normalize_vjp for contiguous rows of n values of W (the product
+// dtype, float32 or float64; also the output dtype): h = xhat, v = the
+// cotangent, per-row cs, ns, m of A (m may be null: no rescaling). Per row:
+// above = ns > eps / m; proj = above ? <h, v> : 0 (summed in A in 8 lanes,
+// combined by a fixed tree: more accurate than W, and the same bits on every
+// clone); inv = 1 / cs (0 where cs == 0) rounded to W;
+// d = ((v - proj h) inv) / m, in W.
+template <typename W, typename A>
+void normalize_vjp_rows(const Call& c, i64 r0, i64 r1) {
+    const i64 n = c.plan.n;
+    const A eps = A(c.eps);
+    const A* cs = (const A*)c.cs;
+    const A* ns = (const A*)c.ns;
+    const A* ms = (const A*)c.m;
+    for (i64 r = r0; r < r1; ++r) {
+        const W* h = (const W*)c.x1 + r * n;
+        const W* v = (const W*)c.x2 + r * n;
+        W* d = (W*)c.out + r * n;
+        const A m = ms ? ms[r] : A(1);
+        const bool above = ns[r] > (ms ? eps / m : eps);
+        W proj = W(0);
+        if (above) {
+            A acc[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+            i64 k = 0;
+            for (; k + 8 <= n; k += 8)
+                for (int j = 0; j < 8; ++j) acc[j] += A(h[k + j]) * A(v[k + j]);
+            for (int j = 0; k + j < n; ++j) acc[j] += A(h[k + j]) * A(v[k + j]);
+            proj = W(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+        }
+        const A csr = cs[r];
+        const W inv = W(csr == A(0) ? A(0) : A(1) / csr);
+        const W wm = W(m);
+        if (ms && wm != W(1)) {
+            for (i64 k = 0; k < n; ++k) d[k] = ((v[k] - proj * h[k]) * inv) / wm;
+        } else {
+            for (i64 k = 0; k < n; ++k) d[k] = (v[k] - proj * h[k]) * inv;
+        }
+    }
 }
 
 #define POLYCOS_BY_CONFIG(FN)                                            \
@@ -2109,6 +2237,11 @@ template <class Cf> void normalize_dispatch(const Call& c, i64 r0, i64 r1) {
 void run_forward(const Call& c, i64 r0, i64 r1) { POLYCOS_BY_CONFIG(forward_dispatch) }
 void run_backward(const Call& c, i64 r0, i64 r1) { POLYCOS_BY_CONFIG(backward_dispatch) }
 void run_normalize(const Call& c, i64 r0, i64 r1) { POLYCOS_BY_CONFIG(normalize_dispatch) }
+void run_normalize_vjp(const Call& c, i64 r0, i64 r1) {
+    if (c.dtype == kF64) return normalize_vjp_rows<double, double>(c, r0, r1);
+    if (c.acc == kF64) return normalize_vjp_rows<float, double>(c, r0, r1);
+    return normalize_vjp_rows<float, float>(c, r0, r1);
+}
 
 #undef POLYCOS_BY_CONFIG
 
