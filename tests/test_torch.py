@@ -434,6 +434,9 @@ def test_operators_are_registered_with_fake_implementations() -> None:
     y = torch.randn(4, 5)
     for args in ((x, y, 1e-8), (x, None, 1e-8), (x[:, :1], y, 0.0), (torch.empty(0, 5), y, 1e-8)):
         torch.library.opcheck(torch.ops.polycos.pairwise_forward, args)
+    _, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x, y, 1e-8)
+    torch.library.opcheck(torch.ops.polycos.pairwise_backward, (torch.randn(3, 4), h1, st1, h2, st2, 1e-8))
+    torch.library.opcheck(torch.ops.polycos.pairwise_backward, (torch.randn(3, 3), h1, st1, None, None, 1e-8))
     with FakeTensorMode():
         xf = torch.empty(2, 7, 5)
         o, r = torch.ops.polycos.cosine_forward(xf, xf, 1, 1e-8)
@@ -478,36 +481,46 @@ def test_value_operator_is_the_forward_value_and_is_used_without_grad() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("self_similarity", [False, True])
-def test_pairwise_matrix_vjp_is_the_core_bit_for_bit(dtype: torch.dtype, self_similarity: bool) -> None:
-    """The 2-D fast VJP (``_pairwise_vjp_matrices``, a mirror of ``_core.pairwise_vjp``) equals the core's bits.
+def test_pairwise_backward_operator_is_the_core_vjp(dtype: torch.dtype, self_similarity: bool) -> None:
+    """``pairwise_backward`` (kernel row VJP) against ``_core.pairwise_vjp`` from the same residuals.
 
-    Rows of every regime: zero, below and at ``eps``, huge, NaN; both eps = 0 and
-    a large eps; the same residuals (the operator's) feed both.
+    Rows of every regime: zero, below ``eps``, huge, NaN; eps = 0, 1e-8 and a
+    large eps. The kernel sums ``<h, v>`` in the accumulation dtype where the core
+    sums in the product dtype: equal to a few ulp of the product dtype. Its
+    fallback in torch ops (``_row_normalize_vjp``) is the core's bit for bit.
     """
+    from polycos import _core
+
     x1 = torch.randn(9, 6, dtype=torch.float64, generator=_gen(11))
     x2 = torch.randn(7, 6, dtype=torch.float64, generator=_gen(12))
     x1[0], x1[1], x1[2] = 0.0, 1e-9, torch.finfo(dtype).max / 4
     x1[3, 2] = math.nan
     x2[0], x2[1] = 1e-3, 0.0
     x1, x2 = x1.to(dtype), x2.to(dtype)
-    from polycos import _core
-
+    work, acc, rescaled = backend._PAIRWISE_DTYPES[dtype]
+    tol = 8 * torch.finfo(work).eps
     for eps in (0.0, 1e-8, 0.5):
         b = None if self_similarity else x2
         s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, b, eps)
-        if b is None:
-            h2, st2 = h1, st1
         g = torch.randn(s.shape, dtype=torch.float64, generator=_gen(13)).to(dtype)
-        fast = backend._pairwise_vjp_matrices(g, x1, b, h1, st1, h2, st2, eps)
+        d1, d2 = torch.ops.polycos.pairwise_backward(g, h1, st1, None if b is None else h2,
+                                                     None if b is None else st2, eps)
         r1 = backend._row_norms(x1, h1, st1)
-        residuals = (r1, None if b is None else backend._row_norms(x2, h2, st2))
-        core = _core.pairwise_vjp(backend.xp, g, x1, b, eps, residuals)
-        for u, v in zip(fast, core, strict=True):
+        r2 = None if b is None else backend._row_norms(x2, h2, st2)
+        c1, c2 = _core.pairwise_vjp(backend.xp, g, x1, b, eps, (r1, r2))
+        for u, v in ((d1, c1), (d2, c2)):
             if v is None:
-                assert u is None
+                assert u.shape == (0,)
                 continue
             assert u.dtype == v.dtype == dtype
-            torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(u.double(), v.double(), rtol=tol, atol=tol * v.double().nan_to_num().abs().max(),
+                                       equal_nan=True)
+        # The fallback in torch ops, bit for bit the core's row VJP:
+        h1w = h1.to(work)
+        v = torch.randn(h1w.shape, dtype=work, generator=_gen(14))
+        fallback = backend._row_normalize_vjp(v, h1w, st1, _core._eps_for(backend.xp, acc, eps), rescaled)
+        torch.testing.assert_close(fallback, _core.row_normalize_vjp(backend.xp, r1, v, eps, h1w),
+                                   rtol=0, atol=0, equal_nan=True)
 
 
 def test_pairwise_dtype_table_is_the_cores() -> None:

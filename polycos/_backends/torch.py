@@ -190,6 +190,16 @@ class _CpuKernels:
                            axis, eps, res.data_ptr(), _operand(d1), _operand(d2), torch.get_num_threads(),
                            g_dtype=_name(g.dtype))
 
+    def normalize_vjp(self, h: torch.Tensor, v: torch.Tensor, stats: torch.Tensor, eps: float, rescaled: bool) -> None:
+        """:func:`polycos._kernels.normalize_vjp` on C-contiguous ``(R, D)`` tensors, written over ``v``."""
+        k = self.k
+        rows, d = h.shape
+        work = 3 * rows * d
+        nthreads = 1 if work < k._ONE_THREAD_WORK else torch.get_num_threads()
+        k._check(k._lib().polycos_normalize_vjp(
+            2 if h.dtype == torch.float32 else 3, 3 if stats.dtype == torch.float64 else 2, rows, d,
+            h.data_ptr(), v.data_ptr(), stats.data_ptr(), int(rescaled), eps, v.data_ptr(), nthreads))
+
     def normalize_rows(self, x: torch.Tensor, eps: float, xhat: torch.Tensor, stats: torch.Tensor) -> None:
         """``stats`` is ``(3, rows...)`` C-contiguous: ``cs``, ``ns``, ``m``."""
         k = self.k
@@ -397,6 +407,48 @@ def pairwise_forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> t
     return s, r1.xhat, _stats(r1), r2.xhat, _stats(r2)
 
 
+def _pairwise_backward_fake(
+    g: torch.Tensor, h1: torch.Tensor, st1: torch.Tensor, h2: torch.Tensor | None, st2: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    second = (0,) if h2 is None else tuple(h2.shape)
+    return g.new_empty(tuple(h1.shape)), g.new_empty(second)
+
+
+@_operator("pairwise_backward(Tensor g, Tensor h1, Tensor st1, Tensor? h2, Tensor? st2, float eps) -> (Tensor, Tensor)",
+           _pairwise_backward_fake)
+def pairwise_backward(
+    g: torch.Tensor, h1: torch.Tensor, st1: torch.Tensor, h2: torch.Tensor | None, st2: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VJP of a 2-D ``pairwise_forward`` from its residuals, in ``g``'s dtype (``h2 = None``: self-similarity).
+
+    :func:`polycos._core.pairwise_vjp`: two products in the product dtype, then
+    the row normalisation's VJP by the kernel (``normalize_vjp``: one pass per
+    row, ``<h, v>`` summed in the accumulation dtype). The second gradient is
+    empty for self-similarity.
+    """
+    work, _, rescaled = _PAIRWISE_DTYPES[g.dtype]
+    native = _native(g.device)
+    gw, h1w = g.to(work), h1.to(work)
+    if h2 is None:
+        v1 = torch.matmul(gw, h1w)
+        v1 += torch.matmul(gw.transpose(0, 1), h1w)
+        pairs = ((h1w, v1, st1),)
+    else:
+        h2w = h2.to(work)
+        pairs = ((h1w, torch.matmul(gw, h2w), st1), (h2w, torch.matmul(gw.transpose(0, 1), h1w), st2))
+    out = []
+    for h, v, st in pairs:
+        if isinstance(native, _CpuKernels):
+            native.normalize_vjp(h.contiguous(), v, st.contiguous(), eps, rescaled)
+            out.append(v.to(g.dtype))
+        else:
+            e = _core._eps_for(xp, st.dtype, eps)
+            out.append(_row_normalize_vjp(v, h, st, e, rescaled).to(g.dtype))
+    return out[0], (g.new_empty((0,)) if h2 is None else out[1])
+
+
 def _nonempty_matrices(x1: torch.Tensor, x2: torch.Tensor | None) -> bool:
     """Two (or one) non-empty 2-D inputs of one row length: no broadcasting, no placeholders."""
     if x1.ndim != 2 or x1.numel() == 0:
@@ -569,8 +621,10 @@ class _Pairwise(torch.autograd.Function):
             # (the operator kept no residuals).
             with _no_autocast(x1):
                 d1, d2 = _core.pairwise_vjp(xp, g, x1, x2, ctx.eps)
-        elif _plain_matrices(g, x1, x2):
-            d1, d2 = _pairwise_vjp_matrices(g, x1, x2, h1, st1, h2, st2, ctx.eps)
+        elif _plain_matrices(g, x1, x2) and g.dtype == x1.dtype:
+            d1, d2 = torch.ops.polycos.pairwise_backward(
+                g, h1, st1, None if x2 is None else h2, None if x2 is None else st2, ctx.eps)
+            d2 = None if x2 is None else d2
         else:
             r1 = _row_norms(x1, h1, st1)
             residuals = (r1, None if x2 is None else _row_norms(x2, h2, st2))
@@ -614,30 +668,12 @@ _PAIRWISE_DTYPES = {
 }
 
 
-def _pairwise_vjp_matrices(
-    g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor | None, h1: torch.Tensor, st1: torch.Tensor,
-    h2: torch.Tensor, st2: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`polycos._core.pairwise_vjp` for 2-D matrices from the forward's residuals, op for op.
-
-    The same operations in the same order (hence the same bits) as the core with
-    ``xp`` = torch, written as direct torch calls: at 32 x 32 the core's portable
-    wrappers cost more than the arithmetic (a mirror listed in :data:`polycos._core.MIRRORS`).
-    """
-    work, acc, rescaled = _PAIRWISE_DTYPES[x1.dtype]
-    e = _core._eps_for(xp, acc, eps)
-    gw, h1w = g.to(work), h1.to(work)
-    if x2 is None:
-        v = torch.matmul(gw, h1w) + torch.matmul(gw.transpose(0, 1), h1w)
-        return _row_normalize_vjp(v, h1w, st1, e, rescaled).to(x1.dtype), None
-    h2w = h2.to(work)
-    d1 = _row_normalize_vjp(torch.matmul(gw, h2w), h1w, st1, e, rescaled)
-    d2 = _row_normalize_vjp(torch.matmul(gw.transpose(0, 1), h1w), h2w, st2, e, rescaled)
-    return d1.to(x1.dtype), d2.to(x2.dtype)
-
-
 def _row_normalize_vjp(v: torch.Tensor, h: torch.Tensor, stats: torch.Tensor, eps: float, rescaled: bool) -> torch.Tensor:
-    """:func:`polycos._core.row_normalize_vjp` op for op (``stats``: ``(3, N, 1)``, ``eps`` already clamped)."""
+    """:func:`polycos._core.row_normalize_vjp` op for op, in direct torch calls (same bits; ``stats``: ``(3, N, 1)``).
+
+    ``pairwise_backward`` where the kernel is not available. ``eps`` already clamped
+    (:func:`polycos._core._eps_for`).
+    """
     cs, ns = stats[0], stats[1]
     above = ns > (eps / stats[2] if rescaled else eps)
     proj = torch.linalg.vecdot(h, v).unsqueeze(-1).masked_fill_(above.logical_not_(), 0.0)  # 0 at or below eps
@@ -816,11 +852,12 @@ class TorchBackend(Backend):
         return torch.ops.polycos.pairwise_forward(x1, x2, eps)[0]  # no gradient follows: no autograd node
 
     def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
-        if not torch.is_grad_enabled() and _plain_matrices(g, x1, x2):
+        if not torch.is_grad_enabled() and _plain_matrices(g, x1, x2) and g.dtype == x1.dtype:
             r1 = _pairwise_normalize(x1, eps)
-            r2 = r1 if x2 is None else _pairwise_normalize(x2, eps)
-            st1, st2 = _stats(r1), _stats(r2)
-            return _pairwise_vjp_matrices(g, x1, x2, r1.xhat, st1, r2.xhat, st2, eps)
+            r2 = None if x2 is None else _pairwise_normalize(x2, eps)
+            d1, d2 = torch.ops.polycos.pairwise_backward(
+                g, r1.xhat, _stats(r1), None if r2 is None else r2.xhat, None if r2 is None else _stats(r2), eps)
+            return d1, None if x2 is None else d2
         with _no_autocast(x1):
             return _core.pairwise_vjp(xp, g, x1, x2, eps, native_normalize=_pairwise_normalize)
 
