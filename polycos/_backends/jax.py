@@ -278,8 +278,10 @@ def _tangent_transpose(ct: Any, *operands: Any, axis: int, eps: float, present: 
     """The cotangents of ``t1, t2`` for ``ct``: ``pullback`` (the kernel's backward on CPU); none for the rest."""
     t1, t2, x1, x2, packed = _unpack(operands, present)
     wanted = [t is not None and ad.is_undefined_primal(t) for t in (t1, t2)]
-    if type(ct) is ad.Zero or not any(wanted):
-        return [None] * len(operands)  # None: a zero cotangent
+    if type(ct) is ad.Zero or not any(wanted) or math.prod(ct.shape) == 0:
+        # None: a symbolic zero. With no result elements nothing is summed, and nothing
+        # of a broadcast partner's size is made (its cotangent would be all zeros).
+        return [None] * len(operands)
     shapes = tuple(_shape(x if t is None else t) for t, x in ((t1, x1), (t2, x2)))
     d = pullback(ct, x1, x2, packed, axis, eps, *shapes)
     cts = [d[i] if wanted[i] else None for i in range(2) if present[i]]
