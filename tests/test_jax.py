@@ -207,6 +207,23 @@ def test_kernel_and_core_primal_agree() -> None:
     np.testing.assert_allclose(np.asarray(res), np.asarray(core_res), rtol=2e-7, atol=1e-30)
 
 
+@needs_kernel
+@pytest.mark.parametrize("x64", [False, True], ids=["x64-off", "x64-on"])
+def test_value_alone_is_the_differentiated_value(x64: bool) -> None:
+    """The value-only kernel call (float64 accumulation for float32, x64 off too) gives the bits that
+    ``value_and_grad`` gives (the residual-writing call: compensated float32 sums with x64 off) and NumPy's."""
+    rng = np.random.default_rng(35)
+    for d in (3, 16, 300):
+        a = rng.standard_normal((2000, d)).astype(np.float32)
+        b = (a + rng.choice([1e-4, 1e-2, 1.0], (2000, 1)) * rng.standard_normal((2000, d))).astype(np.float32)
+        with jax.enable_x64(x64):
+            x1, x2 = jnp.asarray(a), jnp.asarray(b)
+            alone = jax.jit(pj.cosine_similarity)(x1, x2)
+            differentiated = jax.jit(lambda u: jax.vjp(lambda w: pj.cosine_similarity(w, x2), u)[0])(x1)  # noqa: B023
+        np.testing.assert_array_equal(np.asarray(alone), np.asarray(differentiated))
+        np.testing.assert_array_equal(np.asarray(alone), polycos.cosine_similarity(a, b))
+
+
 # --------------------------------------------------------------------------- every mode of differentiation (G5, G10, G11)
 
 
