@@ -1,16 +1,31 @@
-r"""JAX arrays: the fused CPU kernel inside ``jit`` through ``jax.ffi``, under custom JVP rules.
+r"""JAX arrays: the fused CPU kernels inside ``jit`` through ``jax.ffi``, under custom JVP rules.
 
-Row-wise similarity is one :func:`jax.custom_jvp` function, :func:`cosine`,
-returning the value and the packed residuals (per row: ``s``, the scaled norms
-and the scales; :func:`polycos._core.pack_residuals`). Its primal is the fused
-CPU kernel called with :func:`jax.ffi.ffi_call` on CPU (chosen at lowering by
-:func:`jax.lax.platform_dependent`), and the array-API core in ``jax.numpy``
-elsewhere (GPU, TPU) or where the kernel is not built. Its tangent rule is the
-core's JVP (:func:`polycos._core.jvp`) written from the residuals: linear in the
-tangents, so JAX transposes it for reverse mode. One rule gives :func:`jax.jvp`,
-:func:`jax.jacfwd`, :func:`jax.grad`, :func:`jax.jacrev`, :func:`jax.hessian`
-(the rule calls :func:`cosine` itself, so it is differentiable again), and
-everything works under ``jit`` and ``vmap``.
+Row-wise similarity is :func:`cosine_value`, a :func:`jax.custom_jvp` function.
+Each kernel is chosen at lowering by :func:`jax.lax.platform_dependent`: the
+fused CPU kernel (:func:`jax.ffi.ffi_call`) on CPU, the array-API core in
+``jax.numpy`` elsewhere (GPU, TPU) or where the kernel is not built.
+
+* **Value** (nothing differentiated): one kernel call that writes ``s`` only.
+* **Tangent rule**: :func:`cosine` gives ``s`` and the packed residuals (per
+  row ``s``, the scaled norms and the scales; :func:`polycos._core.pack_residuals`),
+  and the tangents go through :data:`tangent_p`, a linear primitive for the
+  core's JVP (:func:`polycos._core.jvp`)
+
+  .. math::  \dot s = \textstyle\sum_{\text{axis}} (J_1 t_1 + J_2 t_2),
+             \qquad J_i = \partial s / \partial x_i \text{ from the residuals}.
+
+  Forward mode (``jvp``, ``jacfwd``) lowers it to that jnp code.
+* **Reverse mode** transposes it: ``J_i^T g`` is :func:`pullback`, one pass of
+  the kernel's backward (reads ``x1, x2, g`` and the residuals, writes both
+  gradients), summed back to broadcast inputs' shapes in the accumulation dtype.
+  XLA's transpose of the jnp tangent map would make several passes over
+  ``N x D`` arrays instead.
+* **Higher orders**: :func:`cosine`'s own rule gives the residuals' tangents;
+  the primitive's JVP rule (bilinear: ``A dt + dA[dx, dres] t``) and
+  :func:`pullback`'s (the core's VJP under :func:`jax.jvp`) are jnp code, so
+  ``hessian``, ``jacfwd(jacrev)`` and grad of grad work.
+* **vmap**: the FFI calls take batch dimensions; the primitive's batching
+  rule moves them in front and binds it again one axis further on.
 
 Pairwise similarity is a :func:`jax.custom_vjp` over the core. For float32
 inputs with ``jax_enable_x64`` off, the row normalisation and the product run
