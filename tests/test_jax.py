@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -50,16 +51,152 @@ def _keys(n: int) -> list:
 # --------------------------------------------------------------------------- the kernel inside jit
 
 
+needs_kernel = pytest.mark.skipif(
+    not backend.JaxBackend.native.fget(None),  # type: ignore[attr-defined]
+    reason="the CPU kernel is not built here: JAX runs the core in jax.numpy",
+)
+
+
+def _custom_calls(f: object, *args: jax.Array) -> list[str]:
+    """The custom-call targets in the compiled (optimised) HLO of ``jax.jit(f)``."""
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    assert "callback" not in hlo  # the kernels are FFI calls, never host callbacks
+    return re.findall(r'custom_call_target="([a-z_]+)"', hlo)
+
+
+@needs_kernel
 def test_cpu_kernel_is_called_inside_jit() -> None:
-    if not backend.JaxBackend.native.fget(None):  # type: ignore[attr-defined]
-        pytest.skip("the CPU kernel is not built here: JAX runs the core in jax.numpy")
+    """The value alone: one kernel call writing ``s`` only (no residuals)."""
     x = jnp.ones((8, 16))
-    hlo = jax.jit(lambda a: pj.cosine_similarity(a, a[::-1])).lower(x).as_text()
-    assert "custom_call" in hlo
-    assert "polycos" in hlo
-    # reverse mode is the transposed tangent rule: plain XLA, no host callback
-    hlo = jax.jit(jax.grad(lambda a: pj.cosine_similarity(a, a[::-1]).sum())).lower(x).as_text()
-    assert "callback" not in hlo
+    assert _custom_calls(lambda a: pj.cosine_similarity(a, a[::-1]), x) == ["polycos_forward_value"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("x64", [False, True], ids=["x64-off", "x64-on"])
+def test_reverse_mode_is_one_kernel_forward_and_one_kernel_backward(x64: bool) -> None:
+    """The fast path cannot regress silently: ``value_and_grad`` is the two kernel calls and nothing of N x D.
+
+    Reverse mode transposes the tangent primitive into ``polycos_backward``;
+    were it XLA's transpose of the jnp tangent map, there would be fusions over
+    the inputs' shape besides the two calls.
+    """
+    with jax.enable_x64(x64):
+        x, y, w = jnp.ones((64, 48)), jnp.ones((64, 48)), jnp.ones(64)
+        loss = lambda a, b, c: jnp.sum(pj.cosine_similarity(a, b) * c)  # noqa: E731
+        f = jax.value_and_grad(loss, argnums=(0, 1))
+        assert sorted(_custom_calls(f, x, y, w)) == ["polycos_backward", "polycos_forward"]
+        hlo = jax.jit(f).lower(x, y, w).compile().as_text()
+        ops = set(re.findall(r"= f(?:32|64)\[64,48\]\{[0-9,]*\} ([a-z-]+)\(", hlo))  # what makes N x D arrays
+        assert ops <= {"parameter", "custom-call", "get-tuple-element"}, ops
+        # grad of vmap goes through the primitive's batching rule, and keeps the kernel
+        xs = jnp.ones((3, 64, 48))
+        batched = jax.grad(lambda a: jax.vmap(lambda u: pj.cosine_similarity(u, y))(a).sum())
+        assert "polycos_backward" in _custom_calls(batched, xs)
+        # forward mode stays the tangent map in jnp (no backward kernel)
+        fwd = lambda a, t: jax.jvp(lambda u: pj.cosine_similarity(u, y), (a,), (t,))  # noqa: E731
+        assert _custom_calls(fwd, x, x) == ["polycos_forward"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("x64", [False, True], ids=["x64-off", "x64-on"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_reverse_mode_equals_the_core_vjp_bitwise(x64: bool, dtype: str) -> None:
+    """Unbroadcast rows: the kernel's backward mirrors :func:`polycos._core.vjp` bit for bit.
+
+    The core runs in NumPy on the kernel's own residuals (the sums are the
+    kernel's; the gradient's elementwise step is mirrored exactly), in every
+    regime: above and below ``eps``, zero rows.
+    """
+    from polycos import _core
+
+    if dtype == "float64" and not x64:
+        pytest.skip("no float64 without x64")
+    rng = np.random.default_rng(31)
+    a = rng.standard_normal((9, 37))
+    b = rng.standard_normal((9, 37))
+    a[1] *= 1e-3  # below eps
+    a[2] = 0.0
+    b[3] *= 1e-3
+    g = rng.standard_normal(9)
+    eps = 1e-2
+    with jax.enable_x64(x64):
+        x1, x2, gj = jnp.asarray(a, dtype), jnp.asarray(b, dtype), jnp.asarray(g, dtype)
+        _, pull = jax.vjp(lambda u, v: pj.cosine_similarity(u, v, eps=eps), x1, x2)
+        d1, d2 = jax.jit(pull)(gj)
+        _, packed = jax.jit(backend.cosine, static_argnums=(2, 3))(x1, x2, 1, eps)
+    res = _core.unpack_residuals(np, np.asarray(packed), 1)
+    n1, n2, ng = (np.asarray(v) for v in (x1, x2, gj))
+    r1, r2 = _core.vjp(np, ng, n1, n2, 1, eps, res)
+    assert (d1.dtype, d2.dtype) == (x1.dtype, x2.dtype)
+    np.testing.assert_array_equal(np.asarray(d1), r1)
+    np.testing.assert_array_equal(np.asarray(d2), r2)
+
+
+_BROADCASTS = [
+    pytest.param((1, 3, 6), (2, 3, 6), -1, id="batch-dim"),
+    pytest.param((6,), (2, 3, 6), -1, id="lower-rank"),
+    pytest.param((2, 3, 1), (2, 3, 6), 2, id="along-the-axis"),
+    pytest.param((3, 6), (2, 1, 6), 1, id="both-broadcast-dim1"),
+]
+
+
+@pytest.mark.parametrize(("shape1", "shape2", "dim"), _BROADCASTS)
+@pytest.mark.parametrize("x64", [False, True], ids=["x64-off", "x64-on"])
+def test_broadcast_gradients_are_summed_in_the_accumulation_dtype(shape1: tuple, shape2: tuple, dim: int,
+                                                                 x64: bool) -> None:
+    """Broadcast inputs: the kernel's gradients summed back to their shapes, within rounding of the exact ones."""
+    rng = np.random.default_rng(32)
+    a, b = rng.standard_normal(shape1), rng.standard_normal(shape2)
+    with jax.enable_x64(x64):
+        x1, x2 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        f = partial(pj.cosine_similarity, dim=dim)
+        g = jnp.asarray(rng.standard_normal(f(x1, x2).shape), jnp.float32)
+        d1, d2 = jax.jit(lambda u, v: jax.vjp(f, u, v)[1](g))(x1, x2)
+        assert (d1.shape, d2.shape, d1.dtype, d2.dtype) == (shape1, shape2, jnp.float32, jnp.float32)
+    for d, (exact, scale) in zip((d1, d2), _exact_vjp_and_scale(g, x1, x2, dim), strict=True):
+        assert np.all(np.abs(np.asarray(d, np.float64) - exact) <= 2.0**-20 * scale)
+
+
+def _exact_vjp_and_scale(g: jax.Array, x1: jax.Array, x2: jax.Array, dim: int) -> list:
+    """Per input: the exact gradient and the sum of the magnitudes of what makes it up.
+
+    The bracket ``x2 / (c1 c2) - s x1 / n1^2`` and the sums over broadcast axes can
+    cancel (along the axis they do: the gradient is orthogonal to ``x``), so
+    errors are bounded relative to those magnitudes, not to the result.
+    """
+    from polycos._core import sum_to_shape
+
+    full = np.broadcast_shapes(x1.shape, x2.shape)
+    u, v = (np.broadcast_to(np.asarray(t, np.float64), full) for t in (x1, x2))
+    gk = np.expand_dims(np.asarray(g, np.float64), dim)
+    terms = reference_vjp(np.asarray(g, np.float64), u, v, dim)  # before the sums over broadcast axes
+    n1, n2 = (np.linalg.norm(t, axis=dim, keepdims=True) for t in (u, v))
+    s = np.abs(np.sum(u * v, axis=dim, keepdims=True)) / (n1 * n2)
+    mags = (np.abs(gk) * (np.abs(v) / (n1 * n2) + s * np.abs(u) / n1**2),
+            np.abs(gk) * (np.abs(u) / (n1 * n2) + s * np.abs(v) / n2**2))
+    return [(sum_to_shape(np, t, x.shape), sum_to_shape(np, m, x.shape))
+            for t, m, x in zip(terms, mags, (x1, x2), strict=True)]
+
+
+@pytest.mark.parametrize(("shape1", "shape2", "dim"), _BROADCASTS)
+def test_kernel_and_core_pullbacks_agree(shape1: tuple, shape2: tuple, dim: int) -> None:
+    """The transpose's two branches (the kernel on CPU, the core elsewhere) give the same gradients."""
+    rng = np.random.default_rng(33)
+    x1, x2 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (shape1, shape2))
+    nd = max(len(shape1), len(shape2))
+    axis = dim % nd
+    out, packed = jax.jit(backend.cosine, static_argnums=(2, 3))(x1, x2, axis, 1e-8)
+    g = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    args = (g, x1, x2, packed, axis, 1e-8, shape1, shape2)
+    core = jax.jit(backend._core_pullback, static_argnums=(4, 5, 6, 7))(*args)
+    if backend._kernels() is not None:
+        kernel = jax.jit(backend._kernel_pullback, static_argnums=(4, 5, 6, 7))(*args)
+        for k, c, (_, scale) in zip(kernel, core, _exact_vjp_and_scale(g, x1, x2, dim), strict=True):
+            assert (k.shape, k.dtype) == (c.shape, c.dtype)
+            assert np.all(np.abs(np.asarray(k, np.float64) - np.asarray(c)) <= 2.0**-20 * scale)
+    public = jax.jit(lambda u, v: jax.vjp(partial(pj.cosine_similarity, dim=dim), u, v)[1](g))(x1, x2)
+    for p, k in zip(public, kernel if backend._kernels() is not None else core, strict=True):
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(k))  # the public path is that branch
 
 
 def test_kernel_and_core_primal_agree() -> None:
@@ -68,6 +205,23 @@ def test_kernel_and_core_primal_agree() -> None:
     core_out, core_res = jax.jit(backend._core_primal, static_argnums=(2, 3))(a, b, 1, 1e-8)
     assert float(jnp.max(jnp.abs(out - core_out))) <= 2.0**-23
     np.testing.assert_allclose(np.asarray(res), np.asarray(core_res), rtol=2e-7, atol=1e-30)
+
+
+@needs_kernel
+@pytest.mark.parametrize("x64", [False, True], ids=["x64-off", "x64-on"])
+def test_value_alone_is_the_differentiated_value(x64: bool) -> None:
+    """The value-only kernel call (float64 accumulation for float32, x64 off too) gives the bits that
+    ``value_and_grad`` gives (the residual-writing call: compensated float32 sums with x64 off) and NumPy's."""
+    rng = np.random.default_rng(35)
+    for d in (3, 16, 300):
+        a = rng.standard_normal((2000, d)).astype(np.float32)
+        b = (a + rng.choice([1e-4, 1e-2, 1.0], (2000, 1)) * rng.standard_normal((2000, d))).astype(np.float32)
+        with jax.enable_x64(x64):
+            x1, x2 = jnp.asarray(a), jnp.asarray(b)
+            alone = jax.jit(pj.cosine_similarity)(x1, x2)
+            differentiated = jax.jit(lambda u: jax.vjp(lambda w: pj.cosine_similarity(w, x2), u)[0])(x1)  # noqa: B023
+        np.testing.assert_array_equal(np.asarray(alone), np.asarray(differentiated))
+        np.testing.assert_array_equal(np.asarray(alone), polycos.cosine_similarity(a, b))
 
 
 # --------------------------------------------------------------------------- every mode of differentiation (G5, G10, G11)
@@ -140,6 +294,68 @@ def test_vmap_of_grad_and_jit() -> None:
     axis_batched = jax.vmap(lambda a, b: pj.cosine_similarity(a, b, dim=0), in_axes=(1, 1))(x1, x2)
     np.testing.assert_allclose(np.asarray(axis_batched), np.asarray(pj.cosine_similarity(x1, x2, dim=0)),
                                rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("in_axes", [(0, 0), (1, None), (None, 2), (2, 1)], ids=str)
+def test_grad_of_vmap_and_vmap_of_grad_agree_with_a_loop(in_axes: tuple) -> None:
+    """Batched tangents, batched inputs and batched residuals meet in the primitive's batching rule."""
+    k1, k2 = _keys(2)
+    x1, x2 = jax.random.normal(k1, (4, 3, 5)), jax.random.normal(k2, (4, 3, 5))
+    a = x1 if in_axes[0] is not None else x1[0]
+    b = x2 if in_axes[1] is not None else x2[0]
+    a, b = (v if ax is None else jnp.moveaxis(v, 0, ax) for v, ax in zip((a, b), in_axes, strict=True))
+    f = lambda u, v: pj.cosine_similarity(u, v, dim=-1)  # noqa: E731
+    loss = lambda u, v: jax.vmap(f, in_axes=in_axes)(u, v).sum()  # noqa: E731
+    g1, g2 = jax.jit(jax.grad(loss, (0, 1)))(a, b)
+    per = jax.jit(jax.vmap(jax.grad(lambda u, v: f(u, v).sum(), (0, 1)), in_axes=in_axes))(a, b)
+
+    def pick(v: jax.Array, ax: int | None, i: int) -> jax.Array:
+        return v if ax is None else jnp.take(v, i, axis=ax)
+
+    r1 = np.zeros(a.shape)
+    r2 = np.zeros(b.shape)
+    for i in range(4):
+        u, v = pick(a, in_axes[0], i), pick(b, in_axes[1], i)
+        e1, e2 = reference_vjp(np.ones(3), np.asarray(u), np.asarray(v), -1)
+        for r, e, ax, p in ((r1, e1, in_axes[0], per[0]), (r2, e2, in_axes[1], per[1])):
+            if ax is None:
+                r += e
+            else:
+                idx = [slice(None)] * r.ndim
+                idx[ax] = i
+                r[tuple(idx)] = e
+            np.testing.assert_allclose(np.asarray(pick(p, 0, i)), e, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g1), r1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g2), r2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape1", "shape2", "dim"), _BROADCASTS)
+def test_check_grads_on_broadcast_shapes(shape1: tuple, shape2: tuple, dim: int) -> None:
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(34)
+        x1, x2 = (jnp.asarray(rng.standard_normal(s)) for s in (shape1, shape2))
+        check_grads(partial(pj.cosine_similarity, dim=dim), (x1, x2), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x64-off", "x64-on"])
+def test_empty_and_zero_d_gradients(x64: bool) -> None:
+    """No rows: zero gradients of the inputs' shapes (nothing of a broadcast partner's size); 0-d: derivative 0."""
+    with jax.enable_x64(x64):
+        dt = jnp.float64 if x64 else jnp.float32
+        grad = jax.jit(jax.grad(lambda u, v: pj.cosine_similarity(u, v).sum(), (0, 1)))
+        for s1, s2 in (((0, 4), (0, 4)), ((0, 4), (1, 4)), ((3, 0), (3, 0)), ((2, 0, 3), (1, 0, 3))):
+            d1, d2 = grad(jnp.ones(s1, dt), jnp.ones(s2, dt))
+            assert (d1.shape, d2.shape, d1.dtype, d2.dtype) == (s1, s2, dt, dt)
+            assert not np.any(np.asarray(d1))
+            assert not np.any(np.asarray(d2))
+        scalar = jax.jit(jax.grad(lambda u, v: pj.cosine_similarity(u, v, dim=0), (0, 1)))
+        for u, v in ((2.0, -3.0), (0.0, 1.0), (0.0, 0.0)):  # below eps, s = u v / (eps |v|): 1 / eps at (0, 1)
+            d = scalar(jnp.asarray(u, dt), jnp.asarray(v, dt))
+            ref = reference_vjp(np.ones(()), np.asarray(u), np.asarray(v), 0)
+            assert all(t.shape == () and t.dtype == dt for t in d)
+            np.testing.assert_allclose(np.asarray(d, np.float64), np.asarray(ref), rtol=1e-6)
+        per = jax.vmap(jax.grad(lambda u, v: pj.cosine_similarity(u, v, dim=0)))(jnp.ones(3, dt), jnp.arange(3.0, dtype=dt))
+        np.testing.assert_array_equal(np.asarray(per), np.zeros(3))  # s = 0 or 1, constant: derivative 0
 
 
 SHARDING_SCRIPT = textwrap.dedent(

@@ -1,16 +1,31 @@
-r"""JAX arrays: the fused CPU kernel inside ``jit`` through ``jax.ffi``, under custom JVP rules.
+r"""JAX arrays: the fused CPU kernels inside ``jit`` through ``jax.ffi``, under custom JVP rules.
 
-Row-wise similarity is one :func:`jax.custom_jvp` function, :func:`cosine`,
-returning the value and the packed residuals (per row: ``s``, the scaled norms
-and the scales; :func:`polycos._core.pack_residuals`). Its primal is the fused
-CPU kernel called with :func:`jax.ffi.ffi_call` on CPU (chosen at lowering by
-:func:`jax.lax.platform_dependent`), and the array-API core in ``jax.numpy``
-elsewhere (GPU, TPU) or where the kernel is not built. Its tangent rule is the
-core's JVP (:func:`polycos._core.jvp`) written from the residuals: linear in the
-tangents, so JAX transposes it for reverse mode. One rule gives :func:`jax.jvp`,
-:func:`jax.jacfwd`, :func:`jax.grad`, :func:`jax.jacrev`, :func:`jax.hessian`
-(the rule calls :func:`cosine` itself, so it is differentiable again), and
-everything works under ``jit`` and ``vmap``.
+Row-wise similarity is :func:`cosine_value`, a :func:`jax.custom_jvp` function.
+Each kernel is chosen at lowering by :func:`jax.lax.platform_dependent`: the
+fused CPU kernel (:func:`jax.ffi.ffi_call`) on CPU, the array-API core in
+``jax.numpy`` elsewhere (GPU, TPU) or where the kernel is not built.
+
+* **Value** (nothing differentiated): one kernel call that writes ``s`` only.
+* **Tangent rule**: :func:`cosine` gives ``s`` and the packed residuals (per
+  row ``s``, the scaled norms and the scales; :func:`polycos._core.pack_residuals`),
+  and the tangents go through :data:`tangent_p`, a linear primitive for the
+  core's JVP (:func:`polycos._core.jvp`)
+
+  .. math::  \dot s = \textstyle\sum_{\text{axis}} (J_1 t_1 + J_2 t_2),
+             \qquad J_i = \partial s / \partial x_i \text{ from the residuals}.
+
+  Forward mode (``jvp``, ``jacfwd``) lowers it to that jnp code.
+* **Reverse mode** transposes it: ``J_i^T g`` is :func:`pullback`, one pass of
+  the kernel's backward (reads ``x1, x2, g`` and the residuals, writes both
+  gradients), summed back to broadcast inputs' shapes in the accumulation dtype.
+  XLA's transpose of the jnp tangent map would make several passes over
+  ``N x D`` arrays instead.
+* **Higher orders**: :func:`cosine`'s own rule gives the residuals' tangents;
+  the primitive's JVP rule (bilinear: ``A dt + dA[dx, dres] t``) and
+  :func:`pullback`'s (the core's VJP under :func:`jax.jvp`) are jnp code, so
+  ``hessian``, ``jacfwd(jacrev)`` and grad of grad work.
+* **vmap**: the FFI calls take batch dimensions; the primitive's batching
+  rule moves them in front and binds it again one axis further on.
 
 Pairwise similarity is a :func:`jax.custom_vjp` over the core. For float32
 inputs with ``jax_enable_x64`` off, the row normalisation and the product run
@@ -20,12 +35,17 @@ ulp(1.0) of exact on every CPU, as with x64 on (docs/pairwise.md).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from polycos import _core
 from polycos._backends._base import Backend, dtype_name
@@ -33,7 +53,7 @@ from polycos._backends._base import Backend, dtype_name
 if TYPE_CHECKING:
     from polycos._call import Call
 
-__all__ = ["JaxBackend", "cosine"]
+__all__ = ["JaxBackend", "cosine", "cosine_value", "pullback", "tangent", "tangent_p"]
 
 
 class _Namespace:
@@ -126,14 +146,21 @@ def _branch(pred: jax.Array, then_fn: Any, else_fn: Any) -> Any:
     return lax.cond(pred, then_fn, else_fn)
 
 
-# --------------------------------------------------------------------------- primal: kernel or core
+# --------------------------------------------------------------------------- kernel or core
 
 
 def _kernels() -> Any:
     from polycos._backends.numpy import _kernels
 
     k = _kernels()
-    return k if k is not None and hasattr(k, "jax_forward") else None
+    return k if k is not None and hasattr(k, "jax_forward_value") else None
+
+
+def _by_platform(kernel: Any, core: Any, *args: jax.Array) -> Any:
+    """``kernel(*args)`` on CPU, ``core(*args)`` elsewhere (chosen at lowering); ``core`` without the kernel."""
+    if _kernels() is None:
+        return core(*args)
+    return lax.platform_dependent(*args, cpu=kernel, default=core)
 
 
 def _core_primal(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -141,31 +168,53 @@ def _core_primal(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[j
     return out, _core.pack_residuals(xp, res, axis)
 
 
-def _primal(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
-    k = _kernels()
-    if k is None:
-        return _core_primal(x1, x2, axis, eps)
-    return lax.platform_dependent(
+# --------------------------------------------------------------------------- the value and its residuals
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def cosine_value(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> jax.Array:
+    """``s`` of validated inputs (one floating dtype, ``axis >= 0``, at least one dimension).
+
+    Not differentiated, the kernel writes ``s`` only (no residuals). The tangent
+    rule asks :func:`cosine` for the residuals and maps the tangents through
+    :data:`tangent_p`, which reverse mode transposes into the kernel's backward.
+    """
+    return _by_platform(
+        lambda a, b: _kernels().jax_forward_value(a, b, axis, eps),
+        lambda a, b: _core_primal(a, b, axis, eps)[0],
         x1, x2,
-        cpu=lambda a, b: tuple(k.jax_forward(a, b, axis, eps)),
-        default=lambda a, b: _core_primal(a, b, axis, eps),
     )
+
+
+def _cosine_value_jvp(axis: int, eps: float, primals: tuple, tangents: tuple) -> tuple:
+    x1, x2 = primals
+    out, packed = cosine(x1, x2, axis, eps)  # differentiable again: higher orders
+    t1, t2 = (None if isinstance(t, SymbolicZero) else t for t in tangents)  # no pass over a zero tangent
+    return out, tangent(t1, t2, x1, x2, packed, axis, eps, out.dtype)
+
+
+cosine_value.defjvp(_cosine_value_jvp, symbolic_zeros=True)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def cosine(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
-    """``(s, packed residuals)`` of validated inputs (one floating dtype, ``axis >= 0``)."""
-    return _primal(x1, x2, axis, eps)
+    """``(s, packed residuals)`` of validated inputs (:func:`polycos._core.pack_residuals`)."""
+    return _by_platform(
+        lambda a, b: tuple(_kernels().jax_forward(a, b, axis, eps)),
+        lambda a, b: _core_primal(a, b, axis, eps),
+        x1, x2,
+    )
 
 
 @cosine.defjvp
 def _cosine_jvp(axis: int, eps: float, primals: tuple, tangents: tuple) -> tuple:
+    """Tangents of ``s`` and of the residuals ``(s, n1s, n2s, m1, m2)`` (the scales are piecewise constant)."""
     x1, x2 = primals
     t1, t2 = tangents
     out, packed = cosine(x1, x2, axis, eps)  # differentiable again: higher orders
     res = _core.unpack_residuals(xp, packed, axis)
     acc = packed.dtype
-    ds_acc = _core.jvp_accumulated(xp, t1, t2, x1, x2, axis, eps, res)  # linear in (t1, t2)
+    ds_acc = tangent(t1, t2, x1, x2, packed, axis, eps, acc)
     ds = ds_acc.astype(out.dtype)
     a1, a2 = _core._align(xp, x1, x2, axis)  # each row at its full length along the axis
     dn1 = _norm_tangent(a1, jnp.broadcast_to(_core._expand_to(xp, t1, a1.ndim), a1.shape), res.n1s, res.m1, axis, acc)
@@ -184,18 +233,188 @@ def _norm_tangent(x: jax.Array, t: jax.Array, ns: jax.Array, m: jax.Array, axis:
     return jnp.squeeze(jnp.broadcast_to(out, jnp.broadcast_shapes(out.shape, ns.shape)), axis=axis)
 
 
+# --------------------------------------------------------------------------- the tangent map, a linear primitive
+#
+# ds = sum_axis(J1 * t1 + J2 * t2), J_i = ds/dx_i from the residuals (polycos._core.jvp). As jnp
+# code, reverse mode would be XLA's transpose of it: several passes over N x D arrays. As a
+# primitive, its transpose is one call of the kernel's backward (one pass), and its JVP and
+# batching rules keep every other transformation on the jnp code.
+
+tangent_p = Primitive("polycos_cosine_tangent")
+
+
+def tangent(
+    t1: jax.Array | None, t2: jax.Array | None, x1: jax.Array, x2: jax.Array, packed: jax.Array,
+    axis: int, eps: float, dtype: Any,
+) -> jax.Array:
+    """``ds`` along ``(t1, t2)`` (``None``: a zero tangent) at ``x1, x2`` with their residuals, in ``dtype``.
+
+    ``dtype``: the inputs' (the result's tangent) or the accumulation dtype (the
+    residual ``s``'s tangent).
+    """
+    ts = tuple(t for t in (t1, t2) if t is not None)
+    params = {"axis": axis, "eps": eps, "present": (t1 is not None, t2 is not None), "dtype": np.dtype(dtype)}
+    if not ts:
+        return jnp.zeros(_tangent_shape(x1.shape, x2.shape, packed.shape, **params), dtype)
+    return tangent_p.bind(*ts, x1, x2, packed, **params)
+
+
+def _unpack(operands: tuple, present: tuple[bool, bool]) -> tuple:
+    """``(t1 | None, t2 | None, x1, x2, packed)`` from the primitive's operands."""
+    it = iter(operands[:-3])
+    return (next(it) if present[0] else None, next(it) if present[1] else None, *operands[-3:])
+
+
+def _tangent_shape(*shapes: tuple, axis: int, present: tuple, **_: Any) -> tuple:
+    """The result's shape: the operands' (``t1, t2, x1, x2``) broadcast without ``axis``, and the residuals'."""
+    *rows, packed = shapes
+    nd = max(len(s) for s in rows)
+    full = jnp.broadcast_shapes(*((1,) * (nd - len(s)) + tuple(s) for s in rows))
+    return jnp.broadcast_shapes(full[:axis] + full[axis + 1 :], tuple(packed[:-1]))
+
+
+def _tangent_core(*operands: jax.Array, axis: int, eps: float, present: tuple, dtype: Any) -> jax.Array:
+    """The tangent map in ``jax.numpy``: the core's JVP (:func:`polycos._core.jvp_accumulated`)."""
+    t1, t2, x1, x2, packed = _unpack(operands, present)
+    res = _core.unpack_residuals(xp, packed, axis)
+    shape = _tangent_shape(*(o.shape for o in operands), axis=axis, present=present)
+    ds = _core.jvp_accumulated(xp, t1, t2, x1, x2, axis, eps, res)
+    return jnp.broadcast_to(ds, shape).astype(dtype)
+
+
+_tangent_core_jit = jax.jit(_tangent_core, static_argnames=("axis", "eps", "present", "dtype"))
+
+
+def _tangent_abstract(*avals: Any, dtype: Any, **params: Any) -> Any:
+    return jax.core.ShapedArray(_tangent_shape(*(a.shape for a in avals), **params), dtype)
+
+
+def _tangent_transpose(ct: Any, *operands: Any, axis: int, eps: float, present: tuple, dtype: Any) -> list:
+    """The cotangents of ``t1, t2`` for ``ct``: ``pullback`` (the kernel's backward on CPU); none for the rest."""
+    t1, t2, x1, x2, packed = _unpack(operands, present)
+    wanted = [t is not None and ad.is_undefined_primal(t) for t in (t1, t2)]
+    if type(ct) is ad.Zero or not any(wanted) or math.prod(ct.shape) == 0:
+        # None: a symbolic zero. With no result elements nothing is summed, and nothing
+        # of a broadcast partner's size is made (its cotangent would be all zeros).
+        return [None] * len(operands)
+    shapes = tuple(_shape(x if t is None else t) for t, x in ((t1, x1), (t2, x2)))
+    d = pullback(ct, x1, x2, packed, axis, eps, *shapes)
+    cts = [d[i] if wanted[i] else None for i in range(2) if present[i]]
+    return [*cts, None, None, None]
+
+
+def _shape(a: Any) -> tuple:
+    return tuple(a.aval.shape if ad.is_undefined_primal(a) else jnp.shape(a))
+
+
+def _tangent_jvp(primals: tuple, tangents: tuple, *, axis: int, eps: float, present: tuple, dtype: Any) -> tuple:
+    """``A(x, res) t`` is bilinear: its tangent is ``A(x, res) dt + dA(x, res)[dx, dres] t``."""
+    t1, t2, x1, x2, packed = _unpack(primals, present)
+    dt1, dt2, *dargs = (None if d is None or type(d) is ad.Zero else d for d in _unpack(tangents, present))
+    out = tangent(t1, t2, x1, x2, packed, axis, eps, dtype)
+    dout = tangent(dt1, dt2, x1, x2, packed, axis, eps, dtype)
+    if any(d is not None for d in dargs):
+        args, dargs = (x1, x2, packed), tuple(jnp.zeros_like(a) if d is None else d for a, d in zip((x1, x2, packed), dargs, strict=True))
+        ts = tuple(t for t in (t1, t2) if t is not None)
+        f = lambda *a: _tangent_core(*ts, *a, axis=axis, eps=eps, present=present, dtype=dtype)  # noqa: E731
+        dout = dout + jax.jvp(f, args, dargs)[1]
+    return out, dout
+
+
+def _tangent_batch(args: tuple, dims: tuple, *, axis: int, **params: Any) -> tuple:
+    """Batch dimensions in front (a unit one where unbatched), every operand at the full rank: ``axis + 1``."""
+    pairs = _unpack(tuple(zip(args, dims, strict=True)), params["present"])
+    rank = max(a.ndim - (d is not None) for a, d in pairs[2:4])
+
+    def front(pair: tuple | None, nd: int) -> jax.Array | None:
+        if pair is None:
+            return None
+        a, d = pair
+        a = a[None] if d is None else jnp.moveaxis(a, d, 0)
+        return jnp.reshape(a, (a.shape[0], *(1,) * (nd + 1 - a.ndim), *a.shape[1:]))
+
+    t1, t2, x1, x2 = (front(p, rank) for p in pairs[:4])
+    packed = front(pairs[4], rank)  # (*result, 5): the result has rank - 1 dimensions
+    return tangent(t1, t2, x1, x2, packed, axis + 1, params["eps"], params["dtype"]), 0
+
+
+tangent_p.def_impl(lambda *operands, **params: _tangent_core_jit(*operands, **params))
+tangent_p.def_abstract_eval(_tangent_abstract)
+ad.primitive_jvps[tangent_p] = _tangent_jvp
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+batching.primitive_batchers[tangent_p] = _tangent_batch
+mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_core, multiple_results=False))
+
+
+# --------------------------------------------------------------------------- the transpose: the kernel's backward
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def pullback(
+    g: jax.Array, x1: jax.Array, x2: jax.Array, packed: jax.Array, axis: int, eps: float, shape1: tuple, shape2: tuple,
+) -> tuple[jax.Array, jax.Array]:
+    """The VJP ``(d1, d2)`` from the residuals, summed to ``shape1``, ``shape2`` (broadcasts of ``x1``, ``x2``).
+
+    :func:`polycos._core.vjp`: one pass of the kernel's backward on CPU (it reads
+    ``x1, x2, g`` and the residuals, writes the gradients), the core elsewhere.
+    Its tangent rule is the core's, so gradients can be differentiated again.
+    """
+    return _by_platform(
+        lambda *a: _kernel_pullback(*a, axis, eps, shape1, shape2),
+        lambda *a: _core_pullback(*a, axis, eps, shape1, shape2),
+        g, x1, x2, packed,
+    )
+
+
+@pullback.defjvp
+def _pullback_jvp(axis: int, eps: float, shape1: tuple, shape2: tuple, primals: tuple, tangents: tuple) -> tuple:
+    core = partial(_core_pullback, axis=axis, eps=eps, shape1=shape1, shape2=shape2)
+    return pullback(*primals, axis, eps, shape1, shape2), jax.jvp(core, primals, tangents)[1]
+
+
+def _core_pullback(
+    g: jax.Array, x1: jax.Array, x2: jax.Array, packed: jax.Array, axis: int, eps: float, shape1: tuple, shape2: tuple,
+) -> tuple[jax.Array, jax.Array]:
+    res = _core.unpack_residuals(xp, packed, axis)
+    x1, x2 = jnp.broadcast_to(x1, shape1), jnp.broadcast_to(x2, shape2)
+    return _core.vjp(xp, g, x1, x2, axis, eps, res)
+
+
+def _kernel_pullback(
+    g: jax.Array, x1: jax.Array, x2: jax.Array, packed: jax.Array, axis: int, eps: float, shape1: tuple, shape2: tuple,
+) -> tuple[jax.Array, jax.Array]:
+    """The kernel's gradients over the full broadcast shape, summed (in the accumulation dtype) where broadcast."""
+    k = _kernels()
+    nd = max(x1.ndim, x2.ndim, len(shape1), len(shape2))
+    full = jnp.broadcast_shapes(tuple(x1.shape), tuple(x2.shape), shape1, shape2, _with_axis(g.shape, axis, nd))
+    size = math.prod(full)
+    if math.prod(shape1) == size and math.prod(shape2) == size:  # nothing to sum: the kernel rounds once
+        d1, d2 = k.jax_backward(g, x1, x2, packed, axis, eps)
+        return jnp.reshape(d1, shape1), jnp.reshape(d2, shape2)
+    d1, d2 = k.jax_backward(g, x1, x2, packed, axis, eps, out_dtype=packed.dtype)
+    return tuple(
+        _core.sum_to_shape(xp, d, s).astype(x1.dtype) for d, s in ((d1, shape1), (d2, shape2))
+    )
+
+
+def _with_axis(shape: tuple, axis: int, nd: int) -> tuple:
+    """A result's shape with a unit ``axis`` put back, at rank ``nd``."""
+    shape = (1,) * (nd - 1 - len(shape)) + tuple(shape)
+    return (*shape[:axis], 1, *shape[axis:])
+
+
 # Called outside jit, each op would be dispatched (and compiled for a new shape) one
 # by one; jitted, one compilation per shape and dtype, inlined into an enclosing jit.
 
 
 @partial(jax.jit, static_argnums=(2, 3))
 def _value(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> jax.Array:
-    return cosine(x1, x2, axis, eps)[0]
+    return cosine_value(x1, x2, axis, eps)
 
 
 @partial(jax.jit, static_argnums=(3, 4))
 def _vjp(g: jax.Array, x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
-    _, pull = jax.vjp(lambda a, b: cosine(a, b, axis, eps)[0], x1, x2)
+    _, pull = jax.vjp(lambda a, b: cosine_value(a, b, axis, eps), x1, x2)
     return pull(g)
 
 

@@ -1048,25 +1048,36 @@ template <class F> ffi::Error no_throw(const F& f) {
     }
 }
 
-ffi::Error forward_body(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Result<ffi::AnyBuffer> out,
-                        ffi::Result<ffi::AnyBuffer> res, int64_t axis, double eps, int64_t nthreads);
+// res_data: the (*result, 5) residuals of accumulation dtype `a`, or nullptr (the value only).
+ffi::Error forward_body(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Result<ffi::AnyBuffer> out, int a,
+                        void* res_data, int64_t axis, double eps, int64_t nthreads);
 
 ffi::Error forward_impl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Result<ffi::AnyBuffer> out,
                         ffi::Result<ffi::AnyBuffer> res, int64_t axis, double eps, int64_t nthreads) {
-    return no_throw([&] { return forward_body(x1, x2, out, res, axis, eps, nthreads); });
+    return no_throw([&] {
+        return forward_body(x1, x2, out, code_of(res->element_type()), res->untyped_data(), axis, eps, nthreads);
+    });
 }
 
-ffi::Error forward_body(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Result<ffi::AnyBuffer> out,
-                        ffi::Result<ffi::AnyBuffer> res, int64_t axis, double eps, int64_t nthreads) {
-    const int t = code_of(x1.element_type()), a = code_of(res->element_type());
+// The value without residuals (nobody differentiates): 5 accumulation-dtype
+// values per row fewer to write (at D = 16 in float32, 40 of 168 bytes a row).
+// The accumulation dtype code as an attribute, as for the recomputing backward.
+ffi::Error forward_value_impl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Result<ffi::AnyBuffer> out,
+                              int64_t axis, double eps, int64_t nthreads, int64_t acc) {
+    return no_throw([&] { return forward_body(x1, x2, out, int(acc), nullptr, axis, eps, nthreads); });
+}
+
+ffi::Error forward_body(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Result<ffi::AnyBuffer> out, int a,
+                        void* res_data, int64_t axis, double eps, int64_t nthreads) {
+    const int t = code_of(x1.element_type());
     if (t < 0 || code_of(x2.element_type()) != t || code_of(out->element_type()) != t)
         return status_error(polycos_cpu::kBadDtype);
     Dims d1(x1.dimensions()), d2(x2.dimensions()), dout(out->dimensions());
     const int nd = std::max(d1.nd, d2.nd);
     const int ax = resolve_axis(axis, nd);
     int st = polycos_cpu::forward(t, a, x1.untyped_data(), d1.nd, d1.shape, d1.strides, x2.untyped_data(), d2.nd,
-                             d2.shape, d2.strides, ax, out->untyped_data(), dout.strides,
-                             res->untyped_data(), eps, int(nthreads));
+                             d2.shape, d2.strides, ax, out->untyped_data(), dout.strides, res_data, eps,
+                             int(nthreads));
     if (st == polycos_cpu::kNeedContiguous) {  // copy both inputs broadcast, then at most 2 batch dims
         const int nds[2] = {d1.nd, d2.nd};
         const i64* shapes[2] = {d1.shape, d2.shape};
@@ -1079,7 +1090,7 @@ ffi::Error forward_body(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Result<ffi::A
         materialize(x2.untyped_data(), isz, d2, ndf, full, b2);
         c_strides(ndf, full, cst);
         st = polycos_cpu::forward(t, a, b1.data(), ndf, full, cst, b2.data(), ndf, full, cst, ax,
-                             out->untyped_data(), dout.strides, res->untyped_data(), eps, int(nthreads));
+                             out->untyped_data(), dout.strides, res_data, eps, int(nthreads));
     }
     return st == 0 ? ffi::Error::Success() : status_error(st);
 }
@@ -1179,6 +1190,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PolycosXlaForward, polycos_xla::forward_impl,
                                   .Attr<int64_t>("axis")
                                   .Attr<double>("eps")
                                   .Attr<int64_t>("nthreads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PolycosXlaForwardValue, polycos_xla::forward_value_impl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("axis")
+                                  .Attr<double>("eps")
+                                  .Attr<int64_t>("nthreads")
+                                  .Attr<int64_t>("acc"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PolycosXlaBackward, polycos_xla::backward_impl,
                               xla::ffi::Ffi::Bind()
