@@ -89,6 +89,12 @@ Mirrors (places that restate this module; each is tested against it)
   normalisation) and ``polycos_normalize_vjp`` (:func:`row_normalize_vjp`, the
   projection summed in the accumulation dtype; against the core and an exact
   reference in ``tests/test_kernels_cpu.py``).
+* ``polycos/_backends/torch.py``: the ``pairwise_backward`` operator for 2-D
+  tensors (:func:`pairwise_vjp` with ``polycos_normalize_vjp``, against the
+  core) and its fallback in torch ops ``_row_normalize_vjp``
+  (:func:`row_normalize_vjp` bit for bit); ``_PAIRWISE_DTYPES`` (the dtype
+  rules of :func:`product_dtype`, :func:`accumulation_dtype`,
+  :func:`is_rescaled`) (``tests/test_torch.py``).
 * ``polycos/_kernels/cuda_launch.py``: the accumulation dtypes per storage dtype for
   the CUDA launches (``tests/test_cupy_kernels.py``).
 * ``polycos/_backends/jax.py``: :func:`dots` as one XLA variadic reduce (and

@@ -3,8 +3,10 @@ r"""JAX: :func:`cosine_similarity` and :func:`pairwise_cosine_similarity` for ``
 The definition is documented once, at :func:`polycos.cosine_similarity`. Here it
 is a :func:`jax.custom_jvp` function whose primal is the fused CPU kernel inside
 ``jit`` (``jax.ffi``) on CPU and the array-API core elsewhere, and whose tangent
-rule is the core's (linear, so JAX transposes it): ``jit``, ``vmap``, ``grad``,
-``jvp``, ``jacfwd``, ``jacrev`` and ``hessian`` all work (docs/backends/jax.md).
+rule is a linear primitive: forward mode evaluates the core's JVP, reverse mode
+transposes it into one call of the kernel's backward. ``jit``, ``vmap``,
+``grad``, ``jvp``, ``jacfwd``, ``jacrev`` and ``hessian`` all work
+(docs/backends/jax.md).
 
 Examples
 --------
