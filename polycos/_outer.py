@@ -68,8 +68,9 @@ class OuterPlan:
     def canonical(self, xp: Any, x: Any, own: tuple[int, ...]) -> Any:
         """``x`` (``x1`` with ``own = left`` or ``x2`` with ``right``) as ``(batch..., R, D)``."""
         nd = len(self.shape)
-        x = xp.reshape(x, (1,) * (nd - x.ndim) + tuple(x.shape))
-        x = xp.permute_dims(x, (*self.batch, *own, *self._rest(own), self.axis))
+        if x.ndim < nd:
+            x = xp.reshape(x, (1,) * (nd - x.ndim) + tuple(x.shape))
+        x = _permute(xp, x, (*self.batch, *own, *self._rest(own), self.axis))
         sizes = tuple(x.shape)
         nb = len(self.batch)
         return xp.reshape(x, (*sizes[:nb], math.prod(sizes[nb : nb + len(own)]), sizes[-1]))
@@ -85,7 +86,7 @@ class OuterPlan:
         full = (1,) * (nd - len(x_shape)) + tuple(x_shape)
         order = (*self.batch, *own, *self._rest(own), self.axis)
         d = xp.reshape(d, tuple(full[k] for k in order))
-        d = xp.permute_dims(d, tuple(order.index(k) for k in range(nd)))
+        d = _permute(xp, d, tuple(order.index(k) for k in range(nd)))
         return xp.reshape(d, tuple(x_shape))
 
     def gradients(self, xp: Any, d: tuple[Any, Any], shape1: tuple, shape2: tuple) -> tuple[Any, Any]:
@@ -108,7 +109,7 @@ class OuterPlan:
         """Inverse of :meth:`output`: an upstream gradient (full result shape) as ``(batch..., R1, R2)``."""
         order = self._order()
         out = [k for k in range(len(self.shape)) if k != self.axis]
-        g = xp.permute_dims(g, tuple(out.index(k) for k in order))
+        g = _permute(xp, g, tuple(out.index(k) for k in order))
         first, second = (self.right, self.left) if self.swap else (self.left, self.right)
         sizes = (
             *(self.shape[k] for k in self.batch),
@@ -118,9 +119,14 @@ class OuterPlan:
         return xp.reshape(g, sizes)
 
 
+def _permute(xp: Any, x: Any, perm: tuple[int, ...]) -> Any:
+    """``permute_dims``, skipped when ``perm`` is the identity (the usual spellings: a per-call cost)."""
+    return x if perm == tuple(range(len(perm))) else xp.permute_dims(x, perm)
+
+
 def _is_int(d: Any) -> bool:
     """A known size: an int, or a symbolic int (``torch.compile`` dynamic shapes); not dask's NaN."""
-    return isinstance(d, numbers.Integral) or type(d).__name__ == "SymInt"
+    return type(d) is int or isinstance(d, numbers.Integral) or type(d).__name__ == "SymInt"
 
 
 def plan(shape: tuple, axis: int, shape1: tuple, shape2: tuple) -> OuterPlan | None:

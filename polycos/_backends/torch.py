@@ -203,6 +203,15 @@ class _CpuKernels:
     def normalize_rows(self, x: torch.Tensor, eps: float, xhat: torch.Tensor, stats: torch.Tensor) -> None:
         """``stats`` is ``(3, rows...)`` C-contiguous: ``cs``, ``ns``, ``m``."""
         k = self.k
+        if x.dtype in _PAIR_CODES and x.ndim == 2 and x.is_contiguous() and xhat.dtype == torch.float64:
+            # The C ABI's lean entry (a C-contiguous matrix: 12 scalar arguments, no shape arrays)
+            rows, d = x.shape
+            work = 2 * rows * d
+            nthreads = 1 if work < k._ONE_THREAD_WORK else torch.get_num_threads()
+            code = _PAIR_CODES[x.dtype]
+            k._check(k._lib().polycos_normalize_pair(code, 3, 3, x.data_ptr(), rows, None, 0, d, xhat.data_ptr(),
+                                                     stats.data_ptr(), eps, nthreads))
+            return
         ptrs = [stats[i].data_ptr() for i in range(3)]
         try:
             k.normalize_rows_ptr(_name(x.dtype), _name(xhat.dtype), _operand(x), eps, _operand(xhat), *ptrs,
@@ -214,6 +223,10 @@ class _CpuKernels:
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
+
+
+#: The kernel's dtype codes of the inputs its lean matrix entry takes (accumulation: float64).
+_PAIR_CODES = {torch.float32: 2, torch.float64: 3}
 
 
 def _cuda_kernels() -> Any:
