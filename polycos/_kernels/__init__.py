@@ -798,6 +798,17 @@ def _ffi_scalars(eps: float, nthreads: int | None) -> dict[str, Any]:
     return {"eps": np.float64(eps), "nthreads": np.int64(num_threads(nthreads))}
 
 
+def _jax_operands(x1: Any, x2: Any, axis: int) -> tuple[Any, Any, int, int, tuple, bool]:
+    """Both forward operands at one rank (0-d as 1-vectors): ``(x1, x2, ndim, axis, broadcast shape, was 0-d)``."""
+    nd = max(x1.ndim, x2.ndim)
+    ax = _axis(axis, nd)
+    scalar = nd == 0
+    if scalar:
+        x1, x2, nd = x1.reshape(1), x2.reshape(1), 1
+    x1, x2 = _jax_expand(x1, nd), _jax_expand(x2, nd)
+    return x1, x2, nd, ax, _broadcast(tuple(x1.shape), tuple(x2.shape)), scalar
+
+
 def jax_forward(x1: Any, x2: Any, axis: int, eps: float, *, nthreads: int | None = None) -> tuple[Any, Any]:
     """Forward on JAX CPU arrays through the FFI handler: ``(out, res)`` as :func:`forward`.
 
@@ -808,13 +819,7 @@ def jax_forward(x1: Any, x2: Any, axis: int, eps: float, *, nthreads: int | None
     import jax
 
     register_jax()
-    nd = max(x1.ndim, x2.ndim)
-    ax = _axis(axis, nd)
-    scalar = nd == 0
-    if scalar:
-        x1, x2, nd = x1.reshape(1), x2.reshape(1), 1
-    x1, x2 = _jax_expand(x1, nd), _jax_expand(x2, nd)
-    shape = _broadcast(tuple(x1.shape), tuple(x2.shape))
+    x1, x2, nd, ax, shape, scalar = _jax_operands(x1, x2, axis)
     out_shape = shape[:ax] + shape[ax + 1 :]
     acc = _jax_acc(x1.dtype)
     call = jax.ffi.ffi_call(
@@ -842,13 +847,7 @@ def jax_forward_value(x1: Any, x2: Any, axis: int, eps: float, *, nthreads: int 
     import jax
 
     register_jax()
-    nd = max(x1.ndim, x2.ndim)
-    ax = _axis(axis, nd)
-    scalar = nd == 0
-    if scalar:
-        x1, x2, nd = x1.reshape(1), x2.reshape(1), 1
-    x1, x2 = _jax_expand(x1, nd), _jax_expand(x2, nd)
-    shape = _broadcast(tuple(x1.shape), tuple(x2.shape))
+    x1, x2, nd, ax, shape, scalar = _jax_operands(x1, x2, axis)
     acc = DEFAULT_ACC[np.dtype(x1.dtype).name]  # the widest: float64 for float32
     call = jax.ffi.ffi_call(
         "polycos_forward_value", jax.ShapeDtypeStruct(shape[:ax] + shape[ax + 1 :], x1.dtype),
