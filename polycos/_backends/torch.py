@@ -39,6 +39,7 @@ import torch
 # call would import it (and sympy with it, which adds a warning filter) in the user's code.
 import torch._dynamo
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd import forward_ad
 
 from polycos import _core
 from polycos._backends._base import Backend, dtype_name
@@ -192,25 +193,18 @@ class _CpuKernels:
 
     def normalize_vjp(self, h: torch.Tensor, v: torch.Tensor, stats: torch.Tensor, eps: float, rescaled: bool) -> None:
         """:func:`polycos._kernels.normalize_vjp` on C-contiguous ``(R, D)`` tensors, written over ``v``."""
-        k = self.k
         rows, d = h.shape
-        work = 3 * rows * d
-        nthreads = 1 if work < k._ONE_THREAD_WORK else torch.get_num_threads()
-        k._check(k._lib().polycos_normalize_vjp(
-            2 if h.dtype == torch.float32 else 3, 3 if stats.dtype == torch.float64 else 2, rows, d,
-            h.data_ptr(), v.data_ptr(), stats.data_ptr(), int(rescaled), eps, v.data_ptr(), nthreads))
+        self.k.normalize_vjp_ptr(_name(h.dtype), _name(stats.dtype), rows, d, h.data_ptr(), v.data_ptr(),
+                                 stats.data_ptr(), eps, rescaled=rescaled, default_threads=torch.get_num_threads())
 
     def normalize_rows(self, x: torch.Tensor, eps: float, xhat: torch.Tensor, stats: torch.Tensor) -> None:
         """``stats`` is ``(3, rows...)`` C-contiguous: ``cs``, ``ns``, ``m``."""
         k = self.k
-        if x.dtype in _PAIR_CODES and x.ndim == 2 and x.is_contiguous() and xhat.dtype == torch.float64:
-            # The C ABI's lean entry (a C-contiguous matrix: 12 scalar arguments, no shape arrays)
+        if x.dtype in _LEAN_DTYPES and x.ndim == 2 and x.is_contiguous() and xhat.dtype == torch.float64:
+            # The C ABI's lean entry for a C-contiguous matrix (scalar arguments, no shape arrays)
             rows, d = x.shape
-            work = 2 * rows * d
-            nthreads = 1 if work < k._ONE_THREAD_WORK else torch.get_num_threads()
-            code = _PAIR_CODES[x.dtype]
-            k._check(k._lib().polycos_normalize_pair(code, 3, 3, x.data_ptr(), rows, None, 0, d, xhat.data_ptr(),
-                                                     stats.data_ptr(), eps, nthreads))
+            k.normalize_pair_ptr(_name(x.dtype), x.data_ptr(), rows, None, 0, d, xhat.data_ptr(), stats.data_ptr(),
+                                 eps, default_threads=torch.get_num_threads())
             return
         ptrs = [stats[i].data_ptr() for i in range(3)]
         try:
@@ -225,8 +219,8 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-#: The kernel's dtype codes of the inputs its lean matrix entry takes (accumulation: float64).
-_PAIR_CODES = {torch.float32: 2, torch.float64: 3}
+#: The dtypes the kernel's lean matrix entry takes (accumulation: float64).
+_LEAN_DTYPES = (torch.float32, torch.float64)
 
 
 def _cuda_kernels() -> Any:
@@ -577,11 +571,16 @@ class CosineFunction(_Cosine):
         return out, None
 
 
+def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xhat, stats)`` by the ``normalize_rows`` operator, ``stats`` as ``(3, ..., N, 1)``."""
+    xhat, stats = torch.ops.polycos.normalize_rows(x, eps)
+    return xhat, stats.movedim(-1, 0).unsqueeze(-1)
+
+
 def _pairwise_normalize(x: torch.Tensor, eps: float) -> _core.RowNorms:
     """The rows normalised by the ``normalize_rows`` operator for plain tensors outside autograd."""
     if kernel_ok(x) and not torch.is_grad_enabled():
-        xhat, stats = torch.ops.polycos.normalize_rows(x, eps)
-        return _row_norms(x, xhat, stats.movedim(-1, 0).unsqueeze(-1))
+        return _row_norms(x, *_normalized(x, eps))
     return _core.normalize_rows(xp, x, eps)
 
 
@@ -725,8 +724,6 @@ def _compiling() -> bool:
 
 def _differentiated(*ts: torch.Tensor) -> bool:
     """Whether autograd may differentiate through the inputs (reverse mode, or a forward-mode dual level)."""
-    from torch.autograd import forward_ad
-
     if forward_ad._current_level >= 0:
         return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
@@ -866,10 +863,9 @@ class TorchBackend(Backend):
 
     def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
         if not torch.is_grad_enabled() and _plain_matrices(g, x1, x2) and g.dtype == x1.dtype:
-            r1 = _pairwise_normalize(x1, eps)
-            r2 = None if x2 is None else _pairwise_normalize(x2, eps)
-            d1, d2 = torch.ops.polycos.pairwise_backward(
-                g, r1.xhat, _stats(r1), None if r2 is None else r2.xhat, None if r2 is None else _stats(r2), eps)
+            h1, st1 = _normalized(x1, eps)
+            h2, st2 = (None, None) if x2 is None else _normalized(x2, eps)
+            d1, d2 = torch.ops.polycos.pairwise_backward(g, h1, st1, h2, st2, eps)
             return d1, None if x2 is None else d2
         with _no_autocast(x1):
             return _core.pairwise_vjp(xp, g, x1, x2, eps, native_normalize=_pairwise_normalize)
