@@ -194,17 +194,17 @@ class _CpuKernels:
     def normalize_vjp(self, h: torch.Tensor, v: torch.Tensor, stats: torch.Tensor, eps: float, rescaled: bool) -> None:
         """:func:`polycos._kernels.normalize_vjp` on C-contiguous ``(R, D)`` tensors, written over ``v``."""
         rows, d = h.shape
-        self.k.normalize_vjp_ptr(_name(h.dtype), _name(stats.dtype), rows, d, h.data_ptr(), v.data_ptr(),
-                                 stats.data_ptr(), eps, rescaled=rescaled, default_threads=torch.get_num_threads())
+        self.k.normalize_vjp_ptr(_LEAN_CODES[h.dtype], _LEAN_CODES[stats.dtype], rows, d, h.data_ptr(), v.data_ptr(),
+                                 stats.data_ptr(), eps, rescaled, None, torch.get_num_threads())
 
     def normalize_rows(self, x: torch.Tensor, eps: float, xhat: torch.Tensor, stats: torch.Tensor) -> None:
         """``stats`` is ``(3, rows...)`` C-contiguous: ``cs``, ``ns``, ``m``."""
         k = self.k
-        if x.dtype in _LEAN_DTYPES and x.ndim == 2 and x.is_contiguous() and xhat.dtype == torch.float64:
+        if x.dtype in _LEAN_CODES and x.ndim == 2 and x.is_contiguous() and xhat.dtype == torch.float64:
             # The C ABI's lean entry for a C-contiguous matrix (scalar arguments, no shape arrays)
             rows, d = x.shape
-            k.normalize_pair_ptr(_name(x.dtype), x.data_ptr(), rows, None, 0, d, xhat.data_ptr(), stats.data_ptr(),
-                                 eps, default_threads=torch.get_num_threads())
+            k.normalize_pair_ptr(_LEAN_CODES[x.dtype], 3, x.data_ptr(), rows, None, 0, d, xhat.data_ptr(),
+                                 stats.data_ptr(), eps, None, torch.get_num_threads())
             return
         ptrs = [stats[i].data_ptr() for i in range(3)]
         try:
@@ -219,8 +219,8 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-#: The dtypes the kernel's lean matrix entry takes (accumulation: float64).
-_LEAN_DTYPES = (torch.float32, torch.float64)
+#: The kernel's dtype codes of the dtypes its lean matrix entries take (accumulation: float64).
+_LEAN_CODES = {torch.float32: 2, torch.float64: 3}
 
 
 def _cuda_kernels() -> Any:

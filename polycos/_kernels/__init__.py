@@ -637,27 +637,27 @@ def _threads_for(work: int, nthreads: int | None, default: int | None = None) ->
 
 
 def normalize_pair_ptr(
-    dtype: str, x1: int, rows1: int, x2: int | None, rows2: int, d: int, xhat: int, stats: int | None,
-    eps: float, *, work: bool = False, nthreads: int | None = None, default_threads: int | None = None,
+    t: int, out: int, x1: int, rows1: int, x2: int | None, rows2: int, d: int, xhat: int, stats: int | None,
+    eps: float, nthreads: int | None = None, default_threads: int | None = None,
 ) -> None:
-    """:func:`normalize_pair` on memory addresses: C-contiguous float32/float64 rows, accumulation float64.
+    """:func:`normalize_pair` on memory addresses: C-contiguous rows of dtype code ``t`` (float32 2, float64 3).
 
-    ``xhat`` ``(rows1 + rows2, d)`` of float64, or with ``work`` of ``dtype``;
-    ``stats`` ``(3, rows1 + rows2)`` float64 or ``None``. Threads: ``nthreads``,
-    else one for small work and ``default_threads`` above (torch passes its own).
+    ``xhat`` ``(rows1 + rows2, d)`` of dtype code ``out`` (3: the float64
+    accumulation, or ``t``); ``stats`` ``(3, rows1 + rows2)`` float64 or ``None``.
+    Threads: ``nthreads``, else one for small work and ``default_threads`` (or
+    :func:`num_threads`) above; torch passes its own count there.
     """
-    t = _code(dtype)
     threads = _threads_for(2 * (rows1 + rows2) * d, nthreads, default_threads)
-    _check(_lib().polycos_normalize_pair(t, 3, t if work else 3, x1, rows1, x2, rows2, d, xhat, stats, eps, threads))
+    _check(_lib().polycos_normalize_pair(t, 3, out, x1, rows1, x2, rows2, d, xhat, stats, eps, threads))
 
 
 def normalize_vjp_ptr(
-    dtype: str, acc: str, rows: int, d: int, h: int, v: int, stats: int, eps: float, *, rescaled: bool,
+    t: int, acc: int, rows: int, d: int, h: int, v: int, stats: int, eps: float, rescaled: bool,
     nthreads: int | None = None, default_threads: int | None = None,
 ) -> None:
-    """:func:`normalize_vjp` on memory addresses (``h``, ``v`` C-contiguous ``(rows, d)`` of ``dtype``), over ``v``."""
+    """:func:`normalize_vjp` on addresses: ``h``, ``v`` C-contiguous ``(rows, d)`` of dtype code ``t``, over ``v``."""
     threads = _threads_for(3 * rows * d, nthreads, default_threads)
-    _check(_lib().polycos_normalize_vjp(_code(dtype), _code(acc), rows, d, h, v, stats, int(rescaled), eps, v, threads))
+    _check(_lib().polycos_normalize_vjp(t, acc, rows, d, h, v, stats, int(rescaled), eps, v, threads))
 
 
 def normalize_pair(
@@ -676,14 +676,14 @@ def normalize_pair(
     float32), else ``None``. ``out``: ``xhat`` preallocated (C-contiguous, of
     that shape and dtype; the caller's scratch memory).
     """
-    _, _, adt = _PLAIN[x1.dtype]
+    t, a, adt = _PLAIN[x1.dtype]
     n1, d = x1.shape
     n2 = 0 if x2 is None else x2.shape[0]
     rows = n1 + n2
     xhat = np.empty((rows, d), x1.dtype if work else adt) if out is None else out
     st = np.empty((3, rows), adt) if stats else None
-    normalize_pair_ptr(x1.dtype.name, x1.ctypes.data, n1, None if x2 is None else x2.ctypes.data, n2, d,
-                       xhat.ctypes.data, None if st is None else st.ctypes.data, eps, work=work, nthreads=nthreads)
+    normalize_pair_ptr(t, t if work else a, x1.ctypes.data, n1, None if x2 is None else x2.ctypes.data, n2, d,
+                       xhat.ctypes.data, None if st is None else st.ctypes.data, eps, nthreads)
     return xhat, st
 
 
@@ -701,8 +701,8 @@ def normalize_vjp(
     accumulation dtype.
     """
     rows, d = h.shape
-    normalize_vjp_ptr(h.dtype.name, stats.dtype.name, rows, d, h.ctypes.data, v.ctypes.data, stats.ctypes.data,
-                      eps, rescaled=rescaled, nthreads=nthreads)
+    normalize_vjp_ptr(2 if h.dtype == _F32 else 3, 3 if stats.dtype == _F64 else 2, rows, d, h.ctypes.data,
+                      v.ctypes.data, stats.ctypes.data, eps, rescaled, nthreads)
     return v
 
 
