@@ -35,6 +35,7 @@ __all__ = [
     "cosine_similarity_with_vjp",
     "pairwise_cosine_similarity",
     "pairwise_cosine_similarity_vjp",
+    "pairwise_cosine_similarity_with_vjp",
 ]
 
 
@@ -301,3 +302,40 @@ def pairwise_cosine_similarity_vjp(
     grad = _validate.check_grad(grad, call, call.shape)
     g1, g2 = call.backend.pairwise_call_vjp(grad, call)
     return (g1,) if call.x2 is None else (g1, g2)
+
+
+def pairwise_cosine_similarity_with_vjp(
+    x1: Array, x2: Array | None = None, *, eps: float = 1e-8
+) -> tuple[Array, Callable[[Array], tuple[Array, ...]]]:
+    """:func:`pairwise_cosine_similarity` and a function for its VJP that reuses the forward's work.
+
+    The pairwise :func:`cosine_similarity_with_vjp`: the returned ``vjp(grad)``
+    gives exactly what :func:`pairwise_cosine_similarity_vjp` would (``(dL/dx1,
+    dL/dx2)``, or ``(dL/dx1,)`` when ``x2`` is ``None``), reusing the rows the
+    forward normalised (and their norms) where the backend keeps them (the
+    NumPy kernel path) instead of normalising again. Arguments and errors are
+    those of :func:`pairwise_cosine_similarity`; the call is validated once,
+    here.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import polycos
+    >>> x = np.array([[1.0, 0.0], [1.0, 1.0]])
+    >>> s, vjp = polycos.pairwise_cosine_similarity_with_vjp(x)
+    >>> s.round(4)
+    array([[1.    , 0.7071],
+           [0.7071, 1.    ]])
+    >>> (g,) = vjp(np.ones((2, 2)))
+    >>> np.array_equal(g, polycos.pairwise_cosine_similarity_vjp(np.ones((2, 2)), x)[0])
+    True
+    """
+    call = _validate.validate_pairwise(x1, x2, eps)
+    value, residuals = call.backend.pairwise_with_residuals(call)
+
+    def vjp(grad: Array) -> tuple[Array, ...]:
+        grad = _validate.check_grad(grad, call, call.shape)
+        g1, g2 = call.backend.pairwise_call_vjp(grad, call, residuals)
+        return (g1,) if call.x2 is None else (g1, g2)
+
+    return value, vjp

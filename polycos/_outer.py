@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["OuterPlan", "collapse_stride0", "plan"]
@@ -47,6 +47,40 @@ class OuterPlan:
     batch: tuple[int, ...]
     left: tuple[int, ...]
     right: tuple[int, ...]
+    #: ``x1``'s and ``x2``'s shapes as planned (known: every move below is then
+    #: decided once; empty when not given)
+    shape1: tuple[int, ...] = ()
+    shape2: tuple[int, ...] = ()
+    #: where every move of the inputs, the result and the gradients keeps the
+    #: order of the elements, the shapes it takes: ``(x1, x2, S, G)`` as the
+    #: product sees them (one reshape each, no permutation); else ``None``
+    direct: tuple | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.shape1 and self.shape2 and self.direct is None:
+            object.__setattr__(self, "direct", self._direct())
+
+    def _direct(self) -> tuple | None:
+        """:attr:`direct` from the planned shapes (``None`` where a permutation moves data)."""
+        nd = len(self.shape)
+        shapes = []
+        for x_shape, own in ((self.shape1, self.left), (self.shape2, self.right)):
+            full = (1,) * (nd - len(x_shape)) + tuple(x_shape)
+            if not _keeps_order(full, (*self.batch, *own, *self._rest(own), self.axis)):
+                return None
+            shapes.append((*[full[k] for k in self.batch], math.prod([full[k] for k in own]), full[self.axis]))
+        order = self._order()
+        out = [k for k in range(nd) if k != self.axis]
+        if not _keeps_order(tuple([self.shape[k] for k in order]), tuple([order.index(k) for k in out])):
+            return None
+        first, second = (self.right, self.left) if self.swap else (self.left, self.right)
+        pairwise = (
+            *[self.shape[k] for k in self.batch],
+            math.prod([self.shape[k] for k in first]),
+            math.prod([self.shape[k] for k in second]),
+        )
+        a1, a2 = shapes
+        return ((a2, a1) if self.swap else (a1, a2)) + (tuple([self.shape[k] for k in out]), pairwise)
 
     @property
     def swap(self) -> bool:
@@ -77,6 +111,9 @@ class OuterPlan:
 
     def inputs(self, xp: Any, x1: Any, x2: Any) -> tuple[Any, Any]:
         """The canonical pair, in the order the product takes them."""
+        if self.direct is not None:
+            first, second = (x2, x1) if self.swap else (x1, x2)
+            return xp.reshape(first, self.direct[0]), xp.reshape(second, self.direct[1])
         a1, a2 = self.canonical(xp, x1, self.left), self.canonical(xp, x2, self.right)
         return (a2, a1) if self.swap else (a1, a2)
 
@@ -92,6 +129,8 @@ class OuterPlan:
     def gradients(self, xp: Any, d: tuple[Any, Any], shape1: tuple, shape2: tuple) -> tuple[Any, Any]:
         """Pairwise gradients (in the product's order) back to the inputs' shapes."""
         d1, d2 = (d[1], d[0]) if self.swap else d
+        if self.direct is not None:
+            return xp.reshape(d1, tuple(shape1)), xp.reshape(d2, tuple(shape2))
         return (
             self.uncanonical(xp, d1, shape1, self.left),
             self.uncanonical(xp, d2, shape2, self.right),
@@ -99,6 +138,8 @@ class OuterPlan:
 
     def output(self, xp: Any, s: Any) -> Any:
         """The pairwise result ``(batch..., R1, R2)`` in the caller's shape and axis order."""
+        if self.direct is not None:
+            return xp.reshape(s, self.direct[2])
         order = self._order()
         s = xp.reshape(s, tuple(self.shape[k] for k in order))
         out = [k for k in range(len(self.shape)) if k != self.axis]
@@ -107,6 +148,8 @@ class OuterPlan:
 
     def grad(self, xp: Any, g: Any) -> Any:
         """Inverse of :meth:`output`: an upstream gradient (full result shape) as ``(batch..., R1, R2)``."""
+        if self.direct is not None:
+            return xp.reshape(g, self.direct[3])
         order = self._order()
         out = [k for k in range(len(self.shape)) if k != self.axis]
         g = _permute(xp, g, tuple(out.index(k) for k in order))
@@ -122,6 +165,12 @@ class OuterPlan:
 def _permute(xp: Any, x: Any, perm: tuple[int, ...]) -> Any:
     """``permute_dims``, skipped when ``perm`` is the identity (the usual spellings: a per-call cost)."""
     return x if perm == tuple(range(len(perm))) else xp.permute_dims(x, perm)
+
+
+def _keeps_order(sizes: tuple, perm: tuple[int, ...]) -> bool:
+    """Permuting axes of these sizes by ``perm`` moves no element (only unit axes move): a reshape."""
+    moved = [p for p in perm if sizes[p] != 1]
+    return moved == sorted(moved)
 
 
 def _is_int(d: Any) -> bool:
@@ -150,7 +199,11 @@ def plan(shape: tuple, axis: int, shape1: tuple, shape2: tuple) -> OuterPlan | N
             right.append(k)
     if not left or not right:
         return None
-    return OuterPlan(tuple(shape), axis, tuple(batch), tuple(left), tuple(right))
+    known = all(type(d) is int for d in (*shape1, *shape2))
+    return OuterPlan(
+        tuple(shape), axis, tuple(batch), tuple(left), tuple(right),
+        tuple(shape1) if known else (), tuple(shape2) if known else (),
+    )
 
 
 def collapse_stride0(x1: Any, x2: Any, nd: int) -> tuple[Any, Any]:

@@ -265,6 +265,44 @@ def test_bitwise_repeatable(info: BackendInfo) -> None:
     assert all(u.tobytes() == v.tobytes() for u, v in zip(ga, gb, strict=True))
 
 
+def _bits(*arrays: object) -> list[bytes]:
+    return [to_numpy(a).tobytes() for a in arrays]
+
+
+@backends
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_with_vjp_equals_the_separate_calls(info: BackendInfo, dtype: str) -> None:
+    """G8 across routes: ``*_with_vjp`` (which reuses the forward's residuals) gives the bits of the
+    separate value and VJP calls, pairwise (two inputs and self-similarity) and as outer-product
+    broadcasts in both axis orders, with zero, below-eps, huge and NaN rows; its VJP can be called
+    again with the same result (the residuals are not consumed)."""
+    if dtype not in info.dtypes:
+        pytest.skip(f"{info.name} does not compute in {dtype} here")
+    r = np.random.default_rng(11)
+    # 300 x 2000: a float32 product on NumPy and torch is formed in two float64 tiles of rows (262 + 38)
+    n, m = (300, 2000) if info.name in ("numpy", "torch") else (7, 5)
+    z1, z2 = r.standard_normal((n, 16)), r.standard_normal((m, 16))
+    z1[0], z1[1], z1[2], z2[1] = 0.0, 1e-12, 1e30, np.nan
+    a, b = info.array(z1, dtype), info.array(z2, dtype)
+    g, gs = info.array(r.standard_normal((n, m)), dtype), info.array(r.standard_normal((n, n)), dtype)
+    for eps in (1e-8, 0.0):
+        s, vjp = polycos.pairwise_cosine_similarity_with_vjp(a, b, eps=eps)
+        want = _bits(polycos.pairwise_cosine_similarity(a, b, eps=eps),
+                     *polycos.pairwise_cosine_similarity_vjp(g, a, b, eps=eps))
+        assert _bits(s, *vjp(g)) == want
+        assert _bits(s, *vjp(g)) == want  # again: the residuals are reusable
+        s, vjp = polycos.pairwise_cosine_similarity_with_vjp(a, eps=eps)
+        (d,) = vjp(gs)
+        assert _bits(s, d) == _bits(polycos.pairwise_cosine_similarity(a, eps=eps),
+                                    *polycos.pairwise_cosine_similarity_vjp(gs, a, eps=eps))
+    z2a = info.array(z2[None, :, :], dtype)
+    for x1, x2, dim, grad in ((info.array(z1[:, None, :], dtype), z2a, 2, g),
+                              (z2a, info.array(z1[:, None, :], dtype), -1, g)):
+        s, vjp = polycos.cosine_similarity_with_vjp(x1, x2, dim=dim)
+        want = _bits(polycos.cosine_similarity(x1, x2, dim=dim), *polycos.cosine_similarity_vjp(grad, x1, x2, dim=dim))
+        assert _bits(s, *vjp(grad)) == want
+
+
 # --------------------------------------------------------------------------- G9
 
 

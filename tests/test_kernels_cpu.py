@@ -451,14 +451,18 @@ def test_normalize_vjp_mirrors_core(dtype: str, eps: float) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("self_similarity", [False, True])
-@pytest.mark.parametrize("n", [3, 40, 300])
+@pytest.mark.parametrize("n", [3, 40, 300, 800])
 def test_numpy_pairwise_lean_path_matches_general_path(dtype: str, self_similarity: bool, n: int) -> None:
-    """The NumPy backend's lean 2-D path: the general path's forward bits, its gradients to rounding."""
+    """The NumPy backend's lean 2-D path: the general path's forward bits, its gradients to rounding;
+    from the forward's residuals (``keep``), the gradients of the path that normalises again, bitwise.
+    At n = 800 a float32 product is formed in float64 tiles of rows (two), with or without x2."""
     from polycos._backends import numpy as nb
 
     x1 = np.tile(_pairwise_rows(dtype), (n // 40 + 1, 1))[:n]
-    x2 = None if self_similarity else _pairwise_rows(dtype, 23)[::-1].copy()
+    x2 = None if self_similarity else np.tile(_pairwise_rows(dtype, 23)[::-1], (1 + n // 23, 1))[: max(23, n + 200)]
     m = n if x2 is None else x2.shape[0]
+    if n == 800 and dtype == "float32":
+        assert nb.PRODUCT_TILE_BYTES // (8 * m) < n  # the tiles are really used
     g = np.random.default_rng(33).standard_normal((n, m)).astype(dtype)
     for eps in (0.0, 1e-8):
         with np.errstate(all="ignore"):
@@ -469,6 +473,11 @@ def test_numpy_pairwise_lean_path_matches_general_path(dtype: str, self_similari
             assert same_bits(s, want)
             got = nb._vjp_2d(K, g, x1, x2, eps)
             ref = _core.pairwise_vjp(np, g, x1, x2, eps, native_normalize=nb._normalize())
+            kept, residuals = nb._forward_2d(K, x1, x2, eps, keep=True)
+            assert same_bits(kept, want)
+            again = nb._vjp_2d(K, g, x1, x2, eps, residuals)
+        for a, b in zip(got, again, strict=True):
+            assert (a is None and b is None) or same_bits(a, b)
         for a, b in zip(got, ref, strict=True):
             if b is None:
                 assert a is None

@@ -523,6 +523,25 @@ def test_pairwise_backward_operator_is_the_core_vjp(dtype: torch.dtype, self_sim
                                    rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("self_similarity", [False, True])
+def test_pairwise_forward_operator_tiles_are_the_core_product(self_similarity: bool) -> None:
+    """A float32 matrix formed in float64 tiles of rows (``_clamped_product``) has the bits of
+    ``_core.pairwise_forward``'s single product; NaN, zero and huge rows included, the last tile short."""
+    from polycos import _core
+
+    n, m = 900, 1100
+    rows = max(backend._TILE_MIN_ROWS, backend._PRODUCT_TILE_BYTES // (8 * (n if self_similarity else m)))
+    assert rows < n  # more than one tile
+    x1 = torch.randn(n, 24, generator=_gen(21))
+    x2 = torch.randn(m, 24, generator=_gen(22))
+    x1[0], x1[1], x1[n - 1] = 0.0, 3e38, math.nan
+    b = None if self_similarity else x2
+    s = torch.ops.polycos.pairwise_forward(x1, b, 1e-8)[0]
+    want = _core.pairwise_forward(backend.xp, x1, b, 1e-8)[0]
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_pairwise_dtype_table_is_the_cores() -> None:
     from polycos import _core
 

@@ -196,8 +196,12 @@ class Backend:
 
     def forward_with_residuals(self, call: Call) -> tuple[Array, Any]:
         """The forward value and what :meth:`vjp` can reuse (``None``: nothing)."""
-        plan, _, _ = self.value_plan(call)
-        if plan is not None or call.outer is not None:
+        plan = call.outer
+        if plan is not None:  # an outer product: the pairwise forward's residuals
+            a1, a2 = plan.inputs(call.xp, call.x1, call.x2)
+            s, residuals = self.pairwise_forward_with_residuals(a1, a2, call.eps)
+            return plan.output(call.xp, s), residuals
+        if self.value_plan(call)[0] is not None:  # stride-0 views read as an outer product: the value only
             return self.forward(call), None
         return self.rowwise_forward(call)
 
@@ -209,7 +213,7 @@ class Backend:
         plan = call.outer
         if plan is not None:
             a1, a2 = plan.inputs(xp, call.x1, call.x2)
-            d = self.pairwise_vjp(plan.grad(xp, g), a1, a2, call.eps)
+            d = self.pairwise_vjp(plan.grad(xp, g), a1, a2, call.eps, residuals)
             return plan.gradients(xp, d, tuple(call.x1.shape), tuple(call.x2.shape))
         return self.rowwise_vjp(g, call, residuals)
 
@@ -261,7 +265,17 @@ class Backend:
         with self.quiet():
             return _core.pairwise_forward(xp, x1, x2, eps)[0]
 
-    def pairwise_vjp(self, g: Array, x1: Array, x2: Array | None, eps: float) -> tuple[Array, Array | None]:
+    def pairwise_forward_with_residuals(self, x1: Array, x2: Array | None, eps: float) -> tuple[Array, Any]:
+        """``S`` and what :meth:`pairwise_vjp` can reuse (``None``: nothing, the default)."""
+        return self.pairwise_forward(x1, x2, eps), None
+
+    def pairwise_vjp(
+        self, g: Array, x1: Array, x2: Array | None, eps: float, residuals: Any = None
+    ) -> tuple[Array, Array | None]:
+        """``(dL/dx1, dL/dx2)`` of ``S`` for ``g`` (``None`` second for self-similarity).
+
+        ``residuals``: :meth:`pairwise_forward_with_residuals`' (``None``: recompute).
+        """
         xp = array_api_compat.array_namespace(x1)
         with self.quiet():
             return _core.pairwise_vjp(xp, g, x1, x2, eps)
@@ -272,9 +286,13 @@ class Backend:
         """:func:`polycos.pairwise_cosine_similarity` on a validated call."""
         return self.pairwise_forward(call.x1, call.x2, call.eps)
 
-    def pairwise_call_vjp(self, grad: Array, call: PairwiseCall) -> tuple[Array, Array | None]:
+    def pairwise_with_residuals(self, call: PairwiseCall) -> tuple[Array, Any]:
+        """:func:`polycos.pairwise_cosine_similarity_with_vjp`'s forward: ``S`` and its residuals."""
+        return self.pairwise_forward_with_residuals(call.x1, call.x2, call.eps)
+
+    def pairwise_call_vjp(self, grad: Array, call: PairwiseCall, residuals: Any = None) -> tuple[Array, Array | None]:
         g = call.xp.broadcast_to(grad, call.shape)
-        return self.pairwise_vjp(g, call.x1, call.x2, call.eps)
+        return self.pairwise_vjp(g, call.x1, call.x2, call.eps, residuals)
 
     # ------------------------------------------------------------------ conversions
 

@@ -178,7 +178,9 @@ class DaskBackend(Backend):
         return da.blockwise(block, f"{b}nm", r1, f"{b}nd", r2, f"{b}md", dtype=x1.dtype, concatenate=True,
                             meta=np.empty((0,) * x1.ndim, dtype=x1.dtype))
 
-    def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+    def pairwise_vjp(
+        self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
+    ) -> tuple[Any, Any | None]:
         blocks = self._pairwise_blocks(x1, x2)
         if blocks is None or not isinstance(g._meta, np.ndarray):
             return super().pairwise_vjp(g, x1, x2, eps)

@@ -527,7 +527,9 @@ class JaxBackend(Backend):
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
         return _pairwise_jit(x1, x2, eps)
 
-    def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+    def pairwise_vjp(
+        self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
+    ) -> tuple[Any, Any | None]:
         return _pairwise_vjp_jit(g, x1, x2, eps)
 
     def to_numpy(self, x: Any) -> Any:

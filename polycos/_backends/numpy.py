@@ -163,16 +163,25 @@ class NumPyBackend(Backend):
                 np, x1, x2, eps, native_product=_product, native_normalize=_normalize()
             )[0]
 
-    def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+    def pairwise_forward_with_residuals(self, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any]:
+        k = _kernels()
+        if k is None or not _plain(x1, x2):
+            return super().pairwise_forward_with_residuals(x1, x2, eps)
+        with self.quiet():
+            return _forward_2d(k, x1, x2, eps, keep=True)
+
+    def pairwise_vjp(
+        self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
+    ) -> tuple[Any, Any | None]:
         k = _kernels()
         with self.quiet():
             if k is not None and _plain(x1, x2) and g.shape == (x1.shape[0], (x1 if x2 is None else x2).shape[0]):
-                return _vjp_2d(k, g, x1, x2, eps)
+                return _vjp_2d(k, g, x1, x2, eps, residuals)
             return _core.pairwise_vjp(np, g, x1, x2, eps, native_normalize=_normalize())
 
-    def pairwise_call_vjp(self, grad: Any, call: Any) -> tuple[Any, Any | None]:
+    def pairwise_call_vjp(self, grad: Any, call: Any, residuals: Any = None) -> tuple[Any, Any | None]:
         g = grad if grad.shape == call.shape else np.broadcast_to(grad, call.shape)
-        return self.pairwise_vjp(g, call.x1, call.x2, call.eps)
+        return self.pairwise_vjp(g, call.x1, call.x2, call.eps, residuals)
 
     # ------------------------------------------------------------------ conversions
 
@@ -217,6 +226,10 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 SCRATCH_BYTES = 1 << 22
 #: Below this, temporaries are allocated as usual (glibc's default mmap threshold).
 SCRATCH_MIN_BYTES = 1 << 17
+#: A float32 pairwise result is formed from float64 tiles of at most this many
+#: bytes (at least TILE_MIN_ROWS rows: thinner tiles slow the BLAS call down).
+PRODUCT_TILE_BYTES = 1 << 22
+TILE_MIN_ROWS = 128
 _SCRATCH = threading.local()
 
 
@@ -263,53 +276,77 @@ def _plain(x1: Any, x2: Any | None) -> bool:
     )
 
 
-def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float) -> Any:
+def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False) -> Any:
     """:func:`polycos._core.pairwise_forward` for :func:`_plain` inputs: one kernel call, one product.
 
     The same operations as the general path (the kernel's normalisation, the
-    float64 product, the clamp, one rounding to float32), so the same bits.
+    float64 product, the clamp, one rounding to float32), so the same bits. A
+    float32 result is formed in tiles of rows: each float64 tile stays in this
+    thread's scratch memory and is clamped and rounded into the result in one
+    pass (no float64 copy of the whole matrix, no page faults for it). With
+    ``keep``, returns ``(S, (xhat, stats))``: the normalised rows (float64) and
+    their statistics, which :func:`_vjp_2d` reuses.
     """
     n, d = x1.shape
     m = n if x2 is None else x2.shape[0]
     f32 = x1.dtype == _F32
     rows = n if x2 is None else n + m
-    # scratch: the normalised rows (+ their transposed copy for self-similarity, +
-    # the float64 product for float32 inputs); a float64 product is the result itself
-    specs = [((rows, d), _F64)] + ([((d, n), _F64)] if x2 is None else []) + ([((n, m), _F64)] if f32 else [])
+    tile = min(n, max(TILE_MIN_ROWS, PRODUCT_TILE_BYTES // (8 * m))) if f32 else 0
+    # scratch: the normalised rows (not when kept), their transposed copy for
+    # self-similarity, the float64 tile of a float32 product
+    specs = ([] if keep else [((rows, d), _F64)]) + ([((d, n), _F64)] if x2 is None else [])
+    if f32:
+        specs.append(((tile, m), _F64))
     tmp = _scratch(*specs)
-    if tmp is None:
-        xh, _ = k.normalize_pair(x1, x2, eps)
-        if n * m > PRODUCT_ELEMENTS:
-            return _product(xh[:n], None if x2 is None else xh[n:], x1.dtype)
-        tmp = [xh] + ([xh.T.copy()] if x2 is None else []) + ([None] if f32 else [])
+    if tmp is None:  # small, or too large together: the float64 tile alone in scratch memory
+        in_scratch = _scratch(specs[-1]) if f32 else None
+        tmp = [np.empty(shape, dt) for shape, dt in (specs[:-1] if in_scratch else specs)] + (in_scratch or [])
+    if keep:
+        xh, st = k.normalize_pair(x1, x2, eps, stats=True)
     else:
-        k.normalize_pair(x1, x2, eps, out=tmp[0])
-    xh = tmp[0]
+        xh, st = k.normalize_pair(x1, x2, eps, out=tmp.pop(0))[0], None
     if x2 is None:  # (self-similarity: gemm on a transposed copy, not syrk; see _product)
-        np.copyto(tmp[1], xh.T)
-        h2t = tmp[1]
+        h2t = tmp.pop(0)
+        np.copyto(h2t, xh.T)
     else:
         h2t = xh[n:].T
-    p = np.matmul(xh[:n], h2t, out=tmp[-1] if f32 else None)
-    np.maximum(p, -1.0, out=p)  # clip keeping NaN, as np.clip; rounding to float32 after it
-    return np.minimum(p, 1.0, out=np.empty((n, m), _F32) if f32 else p)
+    h1 = xh[:n]
+    if not f32:
+        s = np.matmul(h1, h2t)
+        np.maximum(s, -1.0, out=s)  # clip keeping NaN, as np.clip (whose wrapper costs more)
+        return (np.minimum(s, 1.0, out=s), (xh, st)) if keep else np.minimum(s, 1.0, out=s)
+    s, block = np.empty((n, m), _F32), tmp.pop(0)
+    for lo in range(0, n, tile):  # each tile clamped in cache, then rounded once into the result
+        hi = min(n, lo + tile)
+        p = np.matmul(h1[lo:hi], h2t, out=block[: hi - lo])
+        np.maximum(p, -1.0, out=p)
+        np.minimum(p, 1.0, out=s[lo:hi], casting="same_kind")
+    return (s, (xh, st)) if keep else s
 
 
-def _vjp_2d(k: Any, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+def _vjp_2d(
+    k: Any, g: Any, x1: Any, x2: Any | None, eps: float, residuals: tuple | None = None
+) -> tuple[Any, Any | None]:
     """:func:`polycos._core.pairwise_vjp` for :func:`_plain` inputs and ``g`` of ``S``'s shape.
 
     One kernel call normalises the rows of both inputs straight into the
     product dtype (the input dtype, float32 or float64), two matrix products
     run in it, and one more kernel call applies the normalisation's VJP to
     every row (:func:`polycos._kernels.normalize_vjp`, the mirror of
-    :func:`polycos._core.row_normalize_vjp`).
+    :func:`polycos._core.row_normalize_vjp`). ``residuals``: the forward's
+    ``(xhat, stats)`` (:func:`_forward_2d` with ``keep``), rounded once to the
+    product dtype instead of normalising again (the same bits).
     """
     if g.dtype != x1.dtype:
         g = g.astype(x1.dtype)
     rescaled = x1.dtype == _F64
-    rows = x1.shape[0] + (0 if x2 is None else x2.shape[0])
-    tmp = _scratch(((rows, x1.shape[1]), x1.dtype))
-    xh, st = k.normalize_pair(x1, x2, eps, work=True, stats=True, out=None if tmp is None else tmp[0])
+    if residuals is not None:
+        xh, st = residuals
+        xh = xh.astype(x1.dtype, copy=False)
+    else:
+        rows = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+        tmp = _scratch(((rows, x1.shape[1]), x1.dtype))
+        xh, st = k.normalize_pair(x1, x2, eps, work=True, stats=True, out=None if tmp is None else tmp[0])
     if x2 is None:
         v = np.matmul(g, xh)
         v += np.matmul(g.T, xh)

@@ -29,6 +29,7 @@ on the inputs' device.
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -401,10 +402,9 @@ def pairwise_forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> t
         h1, st1 = _kernel_rows(native, x1, eps)
         if x2 is None:
             empty = x1.new_empty((0,), dtype=h1.dtype)
-            s = torch.matmul(h1, h1.transpose(0, 1)).to(x1.dtype).clamp_(-1.0, 1.0)
-            return s, h1, st1, empty, empty.clone()
+            return _clamped_product(h1, h1.transpose(0, 1), x1.dtype), h1, st1, empty, empty.clone()
         h2, st2 = _kernel_rows(native, x2, eps)
-        return torch.matmul(h1, h2.transpose(0, 1)).to(x1.dtype).clamp_(-1.0, 1.0), h1, st1, h2, st2
+        return _clamped_product(h1, h2.transpose(0, 1), x1.dtype), h1, st1, h2, st2
     normalize = None if native is None or not hasattr(native, "normalize_rows") else _kernel_normalize(native)
     with _no_autocast(x1):
         s, (r1, r2) = _core.pairwise_forward(xp, x1, x2, eps, native_normalize=normalize, native_product=_product)
@@ -454,6 +454,37 @@ def pairwise_backward(
             e = _core._eps_for(xp, st.dtype, eps)
             out.append(_row_normalize_vjp(v, h, st, e, rescaled).to(g.dtype))
     return out[0], (g.new_empty((0,)) if h2 is None else out[1])
+
+
+#: A float32 similarity matrix on the CPU is formed from float64 tiles of at
+#: most this many bytes (at least _TILE_MIN_ROWS rows), as on NumPy.
+_PRODUCT_TILE_BYTES = 1 << 22
+_TILE_MIN_ROWS = 128
+_TILE = threading.local()
+
+
+def _clamped_product(h1: torch.Tensor, h2t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(h1 @ h2t, -1, 1)`` rounded to ``dtype``: the kernel path's product (2-D).
+
+    A product in a wider dtype than the result (float32 inputs: float64 rows)
+    is formed on the CPU in tiles of rows, each rounded into the result and
+    clamped there while in cache: no float64 ``N x M`` matrix, whose fresh pages
+    cost as much as the rounding pass (rounding first and then clamping gives
+    the same values: rounding is monotone and keeps +-1).
+    """
+    n, m = h1.shape[0], h2t.shape[1]
+    rows = min(n, max(_TILE_MIN_ROWS, _PRODUCT_TILE_BYTES // (h1.element_size() * max(m, 1))))
+    if h1.dtype == dtype or rows >= n or h1.device.type != "cpu":
+        return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
+    tile = getattr(_TILE, "buf", None)
+    if tile is None or tile.numel() < rows * m or tile.dtype != h1.dtype:
+        tile = _TILE.buf = torch.empty(rows * m, dtype=h1.dtype)
+    out = torch.empty((n, m), dtype=dtype, device=h1.device)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        block = torch.matmul(h1[lo:hi], h2t, out=tile[: (hi - lo) * m].view(hi - lo, m))
+        out[lo:hi].copy_(block).clamp_(-1.0, 1.0)
+    return out
 
 
 def _nonempty_matrices(x1: torch.Tensor, x2: torch.Tensor | None) -> bool:
@@ -861,7 +892,9 @@ class TorchBackend(Backend):
             return apply_pairwise(x1, x2, eps)
         return torch.ops.polycos.pairwise_forward(x1, x2, eps)[0]  # no gradient follows: no autograd node
 
-    def pairwise_vjp(self, g: Any, x1: Any, x2: Any | None, eps: float) -> tuple[Any, Any | None]:
+    def pairwise_vjp(
+        self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
+    ) -> tuple[Any, Any | None]:
         if not torch.is_grad_enabled() and _plain_matrices(g, x1, x2) and g.dtype == x1.dtype:
             h1, st1 = _normalized(x1, eps)
             h2, st2 = (None, None) if x2 is None else _normalized(x2, eps)

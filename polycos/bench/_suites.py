@@ -16,7 +16,8 @@ under ``torch.compile``, JAX ``jax.jit`` of the value and of
 operations (:data:`FLOOR`) and timers (:data:`TIMERS`). A
 backend the bench has no driver for is still measured: forward through the
 public API, forward+backward through :func:`polycos.cosine_similarity_with_vjp`
-(if it is not an autodiff backend), lazy results materialised by its
+or :func:`polycos.pairwise_cosine_similarity_with_vjp` (if it is not an
+autodiff backend), lazy results materialised by its
 ``to_numpy``.
 
 Byte model (:func:`model_bytes`; elements, times the itemsize):
@@ -543,11 +544,7 @@ def _public(op: str, broadcast: bool) -> tuple[Callable[..., Any], Callable[...,
 
         return value, with_vjp
 
-    def pairwise_with_vjp(a: Any, b: Any) -> Any:
-        s = polycos.pairwise_cosine_similarity(a, b)
-        return s, lambda grad: polycos.pairwise_cosine_similarity_vjp(grad, a, b)
-
-    return polycos.pairwise_cosine_similarity, pairwise_with_vjp
+    return polycos.pairwise_cosine_similarity, polycos.pairwise_cosine_similarity_with_vjp
 
 
 def _generic(
