@@ -55,38 +55,42 @@ class OuterPlan:
     #: order of the elements, the shapes it takes: ``(x1, x2, S, G)`` as the
     #: product sees them (one reshape each, no permutation); else ``None``
     direct: tuple | None = field(default=None, compare=False, repr=False)
+    #: the result's axis order is ``batch, right, left`` (e.g. SimCLR's ``z[None], z[:, None]``)
+    swap: bool = field(default=False, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        out = [k for k in range(len(self.shape)) if k != self.axis]
+        object.__setattr__(self, "swap", out == [*self.batch, *self.right, *self.left])
         if self.shape1 and self.shape2 and self.direct is None:
             object.__setattr__(self, "direct", self._direct())
 
     def _direct(self) -> tuple | None:
-        """:attr:`direct` from the planned shapes (``None`` where a permutation moves data)."""
-        nd = len(self.shape)
+        """:attr:`direct` from the planned shapes (``None`` where a permutation moves data).
+
+        A permutation is a reshape when the axes it moves all have size 1: the
+        other axes, taken in their new order, are still increasing.
+        """
+        nd, ax, batch = len(self.shape), self.axis, self.batch
         shapes = []
         for x_shape, own in ((self.shape1, self.left), (self.shape2, self.right)):
             full = (1,) * (nd - len(x_shape)) + tuple(x_shape)
-            if not _keeps_order(full, (*self.batch, *own, *self._rest(own), self.axis)):
+            # canonical order: batch, own, the partner's axes (size 1 here), axis
+            moved = [k for k in (*batch, *own, ax) if full[k] != 1]
+            if moved != sorted(moved):
                 return None
-            shapes.append((*[full[k] for k in self.batch], math.prod([full[k] for k in own]), full[self.axis]))
-        order = self._order()
-        out = [k for k in range(nd) if k != self.axis]
-        if not _keeps_order(tuple([self.shape[k] for k in order]), tuple([order.index(k) for k in out])):
-            return None
+            shapes.append((*[full[k] for k in batch], math.prod([full[k] for k in own]), full[ax]))
         first, second = (self.right, self.left) if self.swap else (self.left, self.right)
+        moved = [k for k in (*batch, *first, *second) if self.shape[k] != 1]
+        if moved != sorted(moved):  # the product's axis order against the result's
+            return None
         pairwise = (
-            *[self.shape[k] for k in self.batch],
+            *[self.shape[k] for k in batch],
             math.prod([self.shape[k] for k in first]),
             math.prod([self.shape[k] for k in second]),
         )
         a1, a2 = shapes
-        return ((a2, a1) if self.swap else (a1, a2)) + (tuple([self.shape[k] for k in out]), pairwise)
-
-    @property
-    def swap(self) -> bool:
-        """The result's axis order is ``batch, right, left`` (e.g. SimCLR's ``z[None], z[:, None]``)."""
-        out = [k for k in range(len(self.shape)) if k != self.axis]
-        return out == [*self.batch, *self.right, *self.left]
+        out = tuple([self.shape[k] for k in range(nd) if k != ax])
+        return ((a2, a1) if self.swap else (a1, a2)) + (out, pairwise)
 
     def _order(self) -> tuple[int, ...]:
         """Axes of the pairwise result, in the order it is computed."""
@@ -165,12 +169,6 @@ class OuterPlan:
 def _permute(xp: Any, x: Any, perm: tuple[int, ...]) -> Any:
     """``permute_dims``, skipped when ``perm`` is the identity (the usual spellings: a per-call cost)."""
     return x if perm == tuple(range(len(perm))) else xp.permute_dims(x, perm)
-
-
-def _keeps_order(sizes: tuple, perm: tuple[int, ...]) -> bool:
-    """Permuting axes of these sizes by ``perm`` moves no element (only unit axes move): a reshape."""
-    moved = [p for p in perm if sizes[p] != 1]
-    return moved == sorted(moved)
 
 
 def _is_int(d: Any) -> bool:

@@ -449,6 +449,24 @@ def test_normalize_vjp_mirrors_core(dtype: str, eps: float) -> None:
                 K.set_isa(prev)
 
 
+_EDGES = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0, 1 + 2**-52, -1 - 2**-52, 1 - 2**-30, -1 + 2**-30,
+          1 - 2**-25, 1e300, -1e300, 5e-324, -5e-324, 1e-40, 2.0**-149, 2.0**-150, 0.5 + 2**-25]
+
+
+@given(hnp.arrays(np.float64, st.integers(0, 70), elements=st.one_of(st.floats(), st.sampled_from(_EDGES))))
+def test_clamp_round_is_the_core_clamp_then_one_rounding(p: np.ndarray) -> None:
+    """``clamp_round_ptr`` (the pairwise float32 tiles' last pass) against ``_core.pairwise_product``'s
+    clamp and rounding: NaN kept, +-inf and beyond +-1 clamped, -0.0 kept, ties and subnormals rounded
+    as NumPy casts; nothing written past ``n``."""
+    p = np.concatenate([p, np.array(_EDGES)])
+    out = np.full(p.size + 1, 7.0, np.float32)
+    K.clamp_round_ptr(p.ctypes.data, p.size, out.ctypes.data)
+    with np.errstate(all="ignore"):
+        want = np.clip(p, -1.0, 1.0).astype(np.float32)
+    assert same_bits(out[:-1], want)
+    assert out[-1] == 7.0
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("self_similarity", [False, True])
 @pytest.mark.parametrize("n", [3, 40, 300, 800])

@@ -316,11 +316,11 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
         np.maximum(s, -1.0, out=s)  # clip keeping NaN, as np.clip (whose wrapper costs more)
         return (np.minimum(s, 1.0, out=s), (xh, st)) if keep else np.minimum(s, 1.0, out=s)
     s, block = np.empty((n, m), _F32), tmp.pop(0)
-    for lo in range(0, n, tile):  # each tile clamped in cache, then rounded once into the result
+    at, bt = s.ctypes.data, block.ctypes.data
+    for lo in range(0, n, tile):  # each tile clamped and rounded into the result in one pass, in cache
         hi = min(n, lo + tile)
-        p = np.matmul(h1[lo:hi], h2t, out=block[: hi - lo])
-        np.maximum(p, -1.0, out=p)
-        np.minimum(p, 1.0, out=s[lo:hi], casting="same_kind")
+        np.matmul(h1[lo:hi], h2t, out=block[: hi - lo])
+        k.clamp_round_ptr(bt, (hi - lo) * m, at + 4 * lo * m)
     return (s, (xh, st)) if keep else s
 
 

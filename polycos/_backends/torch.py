@@ -198,6 +198,10 @@ class _CpuKernels:
         self.k.normalize_vjp_ptr(_LEAN_CODES[h.dtype], _LEAN_CODES[stats.dtype], rows, d, h.data_ptr(), v.data_ptr(),
                                  stats.data_ptr(), eps, rescaled, None, torch.get_num_threads())
 
+    def clamp_round(self, p: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = float32(clip(p, -1, 1))`` for C-contiguous float64 ``p`` and float32 ``out`` of one size."""
+        self.k.clamp_round_ptr(p.data_ptr(), p.numel(), out.data_ptr())
+
     def normalize_rows(self, x: torch.Tensor, eps: float, xhat: torch.Tensor, stats: torch.Tensor) -> None:
         """``stats`` is ``(3, rows...)`` C-contiguous: ``cs``, ``ns``, ``m``."""
         k = self.k
@@ -402,9 +406,9 @@ def pairwise_forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> t
         h1, st1 = _kernel_rows(native, x1, eps)
         if x2 is None:
             empty = x1.new_empty((0,), dtype=h1.dtype)
-            return _clamped_product(h1, h1.transpose(0, 1), x1.dtype), h1, st1, empty, empty.clone()
+            return _clamped_product(native, h1, h1.transpose(0, 1), x1.dtype), h1, st1, empty, empty.clone()
         h2, st2 = _kernel_rows(native, x2, eps)
-        return _clamped_product(h1, h2.transpose(0, 1), x1.dtype), h1, st1, h2, st2
+        return _clamped_product(native, h1, h2.transpose(0, 1), x1.dtype), h1, st1, h2, st2
     normalize = None if native is None or not hasattr(native, "normalize_rows") else _kernel_normalize(native)
     with _no_autocast(x1):
         s, (r1, r2) = _core.pairwise_forward(xp, x1, x2, eps, native_normalize=normalize, native_product=_product)
@@ -463,27 +467,27 @@ _TILE_MIN_ROWS = 128
 _TILE = threading.local()
 
 
-def _clamped_product(h1: torch.Tensor, h2t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _clamped_product(native: Any, h1: torch.Tensor, h2t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``clamp(h1 @ h2t, -1, 1)`` rounded to ``dtype``: the kernel path's product (2-D).
 
-    A product in a wider dtype than the result (float32 inputs: float64 rows)
-    is formed on the CPU in tiles of rows, each rounded into the result and
-    clamped there while in cache: no float64 ``N x M`` matrix, whose fresh pages
-    cost as much as the rounding pass (rounding first and then clamping gives
-    the same values: rounding is monotone and keeps +-1).
+    A float32 result of float64 rows (float32 inputs) is formed on the CPU in
+    tiles of rows, each clamped and rounded into the result by the kernel in one
+    pass while in cache: no float64 ``N x M`` matrix, whose fresh pages cost as
+    much as the rounding. (Elsewhere rounding first and then clamping gives the
+    same values: rounding is monotone and keeps +-1.)
     """
     n, m = h1.shape[0], h2t.shape[1]
-    rows = min(n, max(_TILE_MIN_ROWS, _PRODUCT_TILE_BYTES // (h1.element_size() * max(m, 1))))
-    if h1.dtype == dtype or rows >= n or h1.device.type != "cpu":
+    rows = min(n, max(_TILE_MIN_ROWS, _PRODUCT_TILE_BYTES // (8 * max(m, 1))))
+    if not (isinstance(native, _CpuKernels) and h1.dtype == torch.float64 and dtype == torch.float32):
         return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
     tile = getattr(_TILE, "buf", None)
-    if tile is None or tile.numel() < rows * m or tile.dtype != h1.dtype:
-        tile = _TILE.buf = torch.empty(rows * m, dtype=h1.dtype)
-    out = torch.empty((n, m), dtype=dtype, device=h1.device)
-    for lo in range(0, n, rows):
+    if tile is None or tile.numel() < rows * m:
+        tile = _TILE.buf = torch.empty(rows * m, dtype=torch.float64)
+    out = torch.empty((n, m), dtype=dtype)
+    for lo in range(0, n, rows):  # each tile clamped and rounded into the result in one pass, in cache
         hi = min(n, lo + rows)
         block = torch.matmul(h1[lo:hi], h2t, out=tile[: (hi - lo) * m].view(hi - lo, m))
-        out[lo:hi].copy_(block).clamp_(-1.0, 1.0)
+        native.clamp_round(block, out[lo:hi])
     return out
 
 

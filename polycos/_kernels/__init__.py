@@ -143,6 +143,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
         _int,
         [_int, _int, ctypes.c_int64, ctypes.c_int64, _vp, _vp, _vp, _int, _dbl, _vp, _int],
     ),
+    "polycos_clamp_round": (_int, [_vp, ctypes.c_int64, _vp]),
     "polycos_status_message": (ctypes.c_char_p, [_int]),
     "polycos_isa": (_int, []),
     "polycos_isa_available": (_int, [_int]),
@@ -658,6 +659,16 @@ def normalize_vjp_ptr(
     """:func:`normalize_vjp` on addresses: ``h``, ``v`` C-contiguous ``(rows, d)`` of dtype code ``t``, over ``v``."""
     threads = _threads_for(3 * rows * d, nthreads, default_threads)
     _check(_lib().polycos_normalize_vjp(t, acc, rows, d, h, v, stats, int(rescaled), eps, v, threads))
+
+
+def clamp_round_ptr(p: int, n: int, out: int) -> None:
+    """``out[:n] = float32(clip(p[:n], -1, 1))`` on addresses of C-contiguous float64 and float32 memory.
+
+    The clamp and the one rounding of :func:`polycos._core.pairwise_product` for
+    a float32 result, in one pass (NaN kept): the pairwise paths call it on each
+    float64 tile of the product while the tile is in cache.
+    """
+    _check(_lib().polycos_clamp_round(p, n, out))
 
 
 def normalize_pair(

@@ -810,6 +810,21 @@ POLYCOS_API int polycos_normalize_vjp(int dtype, int acc, int64_t rows, int64_t 
                                       (st && rescaled) ? st + 2 * rows * asz : nullptr, eps, d, nthreads);
 }
 
+// The clamp and rounding of _core.pairwise_product for a float32 result: out[i]
+// = float(clip(p[i], -1, 1)) for n float64 values (NaN stays NaN; the pairwise
+// paths call it on each float64 tile of rows of the product, in cache).
+POLYCOS_API int polycos_clamp_round(const void* p, int64_t n, void* out) {
+    if (n < 0) return polycos_cpu::kBadShape;
+    if (n > 0 && (!p || !out)) return polycos_cpu::kBadArgument;
+    const double* src = static_cast<const double*>(p);
+    float* dst = static_cast<float*>(out);
+    for (int64_t i = 0; i < n; ++i) {
+        const double v = src[i];
+        dst[i] = static_cast<float>(v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v));
+    }
+    return 0;
+}
+
 POLYCOS_API const char* polycos_status_message(int code) {
     switch (code) {
         case polycos_cpu::kOk: return "ok";
