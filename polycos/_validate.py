@@ -203,15 +203,68 @@ def _backend_and_namespace(arrays: tuple[tuple[str, Any], ...]) -> tuple[Any, An
 
 def validate(x1: Any, x2: Any, dim: Any, eps: Any, *, axis: Any = None) -> Call:
     """Check every argument of a row-wise call and plan it (spec section 4)."""
+    call = _plain_rowwise(x1, x2, dim, eps, axis)
+    if call is not None:
+        return call
+    given1, given2 = x1, x2
     dim = resolve_dim(dim, axis)
     backend, xp = _backend_and_namespace((("x1", x1), ("x2", x2)))
+    _register_numpy(backend)
     x1, x2 = backend.accept(xp, (("x1", x1), ("x2", x2)))
     shape = broadcast_shapes(tuple(x1.shape), tuple(x2.shape), names=("x1", "x2"))
     ax = normalize_axis(dim, len(shape), name="dim", shape=shape)
     eps = check_eps(eps)
     p1, p2 = backend.promote(xp, x1, x2)
     outer = _outer.plan(shape, ax, tuple(p1.shape), tuple(p2.shape))
+    if p1 is given1 and p2 is given2 and type(dim) is int and _NUMPY and backend is _NUMPY[0][1]:
+        if len(_ROWWISE_PLANS) >= _ROWWISE_PLANS_MAX:
+            _ROWWISE_PLANS.clear()
+        _ROWWISE_PLANS[(p1.shape, p2.shape, dim)] = (shape, ax, outer)
     return Call(backend, xp, p1, p2, shape, ax, eps, outer)
+
+
+#: The plans of NumPy row-wise calls already validated the long way, by
+#: ``(x1.shape, x2.shape, dim)``: ``(broadcast shape, axis, outer plan)``. A
+#: training loop repeats a few shapes; the checks that depend on the shapes
+#: alone are not repeated (:func:`_plain_rowwise`).
+_ROWWISE_PLANS: dict[tuple, tuple] = {}
+_ROWWISE_PLANS_MAX = 1024
+
+
+def _plain_rowwise(x1: Any, x2: Any, dim: Any, eps: Any, axis: Any) -> Call | None:
+    """A NumPy row-wise call whose shapes were validated before, in a few attribute reads; else ``None``.
+
+    Two plain ``numpy.ndarray`` of one dtype, float32 or float64, an ``int``
+    ``dim`` (or ``axis``, or neither: 1) and a Python float ``eps`` that is
+    finite and ``>= 0``: every check of the full path passes for these exactly
+    as it did for the same shapes and ``dim`` (no promotion), so the call is
+    the same :class:`Call`. Everything else, every error included, takes the
+    full path.
+    """
+    if not _NUMPY or type(eps) is not float or not 0.0 <= eps < math.inf:
+        return None
+    if axis is None:
+        dim = 1 if dim is None else dim
+    elif dim is None:
+        dim = axis
+    else:
+        return None
+    ndarray, backend, xp, dtypes = _NUMPY[0]
+    if type(x1) is not ndarray or type(x2) is not ndarray or x1.dtype not in dtypes or x2.dtype != x1.dtype:
+        return None
+    known = _ROWWISE_PLANS.get((x1.shape, x2.shape, dim)) if type(dim) is int else None
+    if known is None:
+        return None
+    return Call(backend, xp, x1, x2, known[0], known[1], eps + 0.0, known[2])
+
+
+def _register_numpy(backend: Any) -> None:
+    """Remember NumPy's backend, namespace and fast dtypes once its arrays have been seen."""
+    if not _NUMPY and backend.name == "numpy":
+        import numpy as np
+
+        _NUMPY.append((np.ndarray, backend, backend.namespace((("x", np.empty(0)),)),
+                       (np.dtype(np.float32), np.dtype(np.float64))))
 
 
 #: ``(numpy.ndarray, its backend, its namespace, (float32, float64))`` once a NumPy
@@ -253,10 +306,7 @@ def validate_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall:
         return call
     given = (("x1", x1),) if x2 is None else (("x1", x1), ("x2", x2))
     backend, xp = _backend_and_namespace(given)
-    if not _NUMPY and backend.name == "numpy":
-        import numpy as np
-
-        _NUMPY.append((np.ndarray, backend, xp, (np.dtype(np.float32), np.dtype(np.float64))))
+    _register_numpy(backend)
     accepted = backend.accept(xp, given)
     x1 = accepted[0]
     x2 = None if x2 is None else accepted[1]

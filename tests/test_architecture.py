@@ -36,6 +36,7 @@ backends = pytest.mark.parametrize("info", BACKENDS, ids=lambda b: b.name)
 def _count(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     counts = {"validate": 0, "plan": 0}
     validate, plan = _validate.validate, _outer.plan
+    monkeypatch.setattr(_validate, "_ROWWISE_PLANS", {})  # no shapes known yet: the long way, once
 
     def counting_validate(*a, **k):  # type: ignore[no-untyped-def]
         counts["validate"] += 1
@@ -64,6 +65,29 @@ def test_forward_and_backward_validate_and_plan_once(info: BackendInfo, outer: b
         s, vjp = polycos.cosine_similarity_with_vjp(a1, a2, dim=-1)
         vjp(info.array(np.ones(tuple(s.shape)), "float32"))
     assert counts == {"validate": 1, "plan": 1}
+
+
+def test_numpy_rowwise_shapes_are_validated_once_and_errors_still_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NumPy row-wise call repeating known shapes and ``dim`` skips the shape checks and the plan
+    (the same :class:`Call`, the same bits); any other argument still gets the full checks."""
+    monkeypatch.setattr(_validate, "_ROWWISE_PLANS", {})
+    r = np.random.default_rng(1)
+    z1, z2 = r.standard_normal((5, 1, 3)).astype(np.float32), r.standard_normal((1, 4, 3)).astype(np.float32)
+    first = _validate.validate(z1, z2, 2, 1e-8)
+    counts = _count(monkeypatch)
+    _validate._ROWWISE_PLANS.update({((5, 1, 3), (1, 4, 3), 2): (first.shape, first.axis, first.outer)})
+    again = _validate.validate(z1.copy(), z2.copy(), 2, 1e-8)
+    assert counts == {"validate": 1, "plan": 0}
+    assert (again.shape, again.axis, again.outer, again.eps) == (first.shape, first.axis, first.outer, first.eps)
+    assert polycos.cosine_similarity(z1, z2, 2).tobytes() == polycos.cosine_similarity(z1, z2, 2).tobytes()
+    with pytest.raises(ValueError, match="eps"):
+        polycos.cosine_similarity(z1, z2, 2, eps=-1.0)
+    with pytest.raises(IndexError, match="dim=3"):
+        polycos.cosine_similarity(z1, z2, 3)
+    with pytest.raises(TypeError, match="axis"):
+        polycos.cosine_similarity(z1, z2, 2, axis=2)
+    mixed = polycos.cosine_similarity(z1, z2.astype(np.float64), 2)  # promoted: the full path
+    assert mixed.dtype == np.float64
 
 
 # --------------------------------------------------------------------------- one registry

@@ -207,9 +207,12 @@ class Backend:
 
     def vjp(self, grad: Array, call: Call, residuals: Any = None) -> tuple[Array, Array]:
         """:func:`polycos.cosine_similarity_vjp` on a validated call and checked ``grad``."""
-        xp = call.xp
+        xp, out_shape = call.xp, call.out_shape
         # (a dask result of unknown size cannot be broadcast to: the backend pairs g block by block)
-        g = xp.broadcast_to(grad, call.out_shape) if _known_shape(call.out_shape) else grad
+        if tuple(grad.shape) == out_shape or not _known_shape(out_shape):
+            g = grad
+        else:
+            g = xp.broadcast_to(grad, out_shape)
         plan = call.outer
         if plan is not None:
             a1, a2 = plan.inputs(xp, call.x1, call.x2)

@@ -156,7 +156,7 @@ class NumPyBackend(Backend):
 
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
         k = _kernels()
-        with self.quiet():
+        with self.quiet():  # (BLAS products of subnormal rows underflow: not an error here)
             if k is not None and _plain(x1, x2):
                 return _forward_2d(k, x1, x2, eps)
             return _core.pairwise_forward(
@@ -291,15 +291,18 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
     m = n if x2 is None else x2.shape[0]
     f32 = x1.dtype == _F32
     rows = n if x2 is None else n + m
-    tile = min(n, max(TILE_MIN_ROWS, PRODUCT_TILE_BYTES // (8 * m))) if f32 else 0
+    # a float32 product in tiles of `tile` rows; a small one (the C library's
+    # pool serves it at no cost) in one block outside the scratch memory
+    tile = min(n, max(TILE_MIN_ROWS, PRODUCT_TILE_BYTES // (8 * m)))
+    tiled = f32 and 8 * n * m >= SCRATCH_MIN_BYTES
     # scratch: the normalised rows (not when kept), their transposed copy for
-    # self-similarity, the float64 tile of a float32 product
+    # self-similarity, the float64 tile
     specs = ([] if keep else [((rows, d), _F64)]) + ([((d, n), _F64)] if x2 is None else [])
-    if f32:
+    if tiled:
         specs.append(((tile, m), _F64))
-    tmp = _scratch(*specs)
-    if tmp is None:  # small, or too large together: the float64 tile alone in scratch memory
-        in_scratch = _scratch(specs[-1]) if f32 else None
+    tmp = _scratch(*specs) if specs else []
+    if tmp is None:  # small, or too large together: then the tile alone in scratch memory
+        in_scratch = _scratch(specs[-1]) if tiled else None
         tmp = [np.empty(shape, dt) for shape, dt in (specs[:-1] if in_scratch else specs)] + (in_scratch or [])
     if keep:
         xh, st = k.normalize_pair(x1, x2, eps, stats=True)
@@ -314,14 +317,19 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
     if not f32:
         s = np.matmul(h1, h2t)
         np.maximum(s, -1.0, out=s)  # clip keeping NaN, as np.clip (whose wrapper costs more)
-        return (np.minimum(s, 1.0, out=s), (xh, st)) if keep else np.minimum(s, 1.0, out=s)
-    s, block = np.empty((n, m), _F32), tmp.pop(0)
-    at, bt = s.ctypes.data, block.ctypes.data
-    for lo in range(0, n, tile):  # each tile clamped and rounded into the result in one pass, in cache
-        hi = min(n, lo + tile)
-        np.matmul(h1[lo:hi], h2t, out=block[: hi - lo])
-        k.clamp_round_ptr(bt, (hi - lo) * m, at + 4 * lo * m)
+        np.minimum(s, 1.0, out=s)
+    elif not tiled:
+        s, p = np.empty((n, m), _F32), np.matmul(h1, h2t)  # (p stays referenced while the kernel reads it)
+        k.clamp_round_ptr(p.ctypes.data, n * m, s.ctypes.data)
+    else:
+        s, block = np.empty((n, m), _F32), tmp.pop(0)
+        at, bt = s.ctypes.data, block.ctypes.data
+        for lo in range(0, n, tile):  # each tile clamped and rounded into the result in one pass, in cache
+            hi = min(n, lo + tile)
+            np.matmul(h1[lo:hi], h2t, out=block[: hi - lo])
+            k.clamp_round_ptr(bt, (hi - lo) * m, at + 4 * lo * m)
     return (s, (xh, st)) if keep else s
+
 
 
 def _vjp_2d(

@@ -480,10 +480,13 @@ def _clamped_product(native: Any, h1: torch.Tensor, h2t: torch.Tensor, dtype: to
     rows = min(n, max(_TILE_MIN_ROWS, _PRODUCT_TILE_BYTES // (8 * max(m, 1))))
     if not (isinstance(native, _CpuKernels) and h1.dtype == torch.float64 and dtype == torch.float32):
         return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
+    out = torch.empty((n, m), dtype=dtype)
+    if rows >= n:  # one tile: a fresh small block costs less than the cached one's bookkeeping
+        native.clamp_round(torch.matmul(h1, h2t), out)
+        return out
     tile = getattr(_TILE, "buf", None)
     if tile is None or tile.numel() < rows * m:
         tile = _TILE.buf = torch.empty(rows * m, dtype=torch.float64)
-    out = torch.empty((n, m), dtype=dtype)
     for lo in range(0, n, rows):  # each tile clamped and rounded into the result in one pass, in cache
         hi = min(n, lo + rows)
         block = torch.matmul(h1[lo:hi], h2t, out=tile[: (hi - lo) * m].view(hi - lo, m))
