@@ -523,6 +523,33 @@ def test_pairwise_backward_operator_is_the_core_vjp(dtype: torch.dtype, self_sim
                                    rtol=0, atol=0, equal_nan=True)
 
 
+def test_pairwise_tile_cache_survives_inference_mode() -> None:
+    """The cached float64 tile made by a first call under ``torch.inference_mode`` is a normal
+    tensor: later calls outside it (and under autograd) write it without error, with the same bits."""
+    import threading
+
+    out: dict[str, object] = {}
+
+    def fresh_thread() -> None:  # a thread of its own: no tile cached yet
+        try:
+            a, b = torch.randn(900, 16, generator=_gen(31)), torch.randn(1100, 16, generator=_gen(32))
+            with torch.inference_mode():
+                s = polycos.pairwise_cosine_similarity(a, b)
+            again = polycos.pairwise_cosine_similarity(a, b)
+            a.requires_grad_()
+            polycos.pairwise_cosine_similarity(a, b).sum().backward()
+            out["same"] = torch.equal(s, again)
+            out["grad"] = a.grad is not None and bool(torch.isfinite(a.grad).all())
+        except Exception as e:  # reported to the test thread
+            out["error"] = e
+
+    t = threading.Thread(target=fresh_thread)
+    t.start()
+    t.join()
+    assert "error" not in out, out.get("error")
+    assert out == {"same": True, "grad": True}
+
+
 @pytest.mark.parametrize("self_similarity", [False, True])
 def test_pairwise_forward_operator_tiles_are_the_core_product(self_similarity: bool) -> None:
     """A float32 matrix formed in float64 tiles of rows (``_clamped_product``) has the bits of

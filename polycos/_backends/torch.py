@@ -461,7 +461,8 @@ def pairwise_backward(
 
 
 #: A float32 similarity matrix on the CPU is formed from float64 tiles of at
-#: most this many bytes (at least _TILE_MIN_ROWS rows), as on NumPy.
+#: most this many bytes (at least _TILE_MIN_ROWS rows), as on NumPy; a thread
+#: keeps one tile of this size.
 _PRODUCT_TILE_BYTES = 1 << 22
 _TILE_MIN_ROWS = 128
 _TILE = threading.local()
@@ -485,8 +486,11 @@ def _clamped_product(native: Any, h1: torch.Tensor, h2t: torch.Tensor, dtype: to
         native.clamp_round(torch.matmul(h1, h2t), out)
         return out
     tile = getattr(_TILE, "buf", None)
-    if tile is None or tile.numel() < rows * m:
-        tile = _TILE.buf = torch.empty(rows * m, dtype=torch.float64)
+    if 8 * rows * m > _PRODUCT_TILE_BYTES:  # a very wide matrix (128 rows > 4 MiB): a tile not kept
+        tile = torch.empty(rows * m, dtype=torch.float64)
+    elif tile is None or tile.numel() < rows * m:
+        with torch.inference_mode(False):  # a normal tensor: later calls outside inference mode write it
+            tile = _TILE.buf = torch.empty(_PRODUCT_TILE_BYTES // 8, dtype=torch.float64)
     for lo in range(0, n, rows):  # each tile clamped and rounded into the result in one pass, in cache
         hi = min(n, lo + rows)
         block = torch.matmul(h1[lo:hi], h2t, out=tile[: (hi - lo) * m].view(hi - lo, m))
