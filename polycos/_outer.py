@@ -79,18 +79,21 @@ class OuterPlan:
             if moved != sorted(moved):
                 return None
             shapes.append((*[full[k] for k in batch], math.prod([full[k] for k in own]), full[ax]))
-        first, second = (self.right, self.left) if self.swap else (self.left, self.right)
-        moved = [k for k in (*batch, *first, *second) if self.shape[k] != 1]
+        moved = [k for k in self._order() if self.shape[k] != 1]
         if moved != sorted(moved):  # the product's axis order against the result's
             return None
-        pairwise = (
-            *[self.shape[k] for k in batch],
+        a1, a2 = shapes
+        out = tuple([self.shape[k] for k in range(nd) if k != ax])
+        return ((a2, a1) if self.swap else (a1, a2)) + (out, self._product_shape())
+
+    def _product_shape(self) -> tuple:
+        """The result's shape as the product forms it: ``(batch..., R1, R2)``."""
+        first, second = (self.right, self.left) if self.swap else (self.left, self.right)
+        return (
+            *[self.shape[k] for k in self.batch],
             math.prod([self.shape[k] for k in first]),
             math.prod([self.shape[k] for k in second]),
         )
-        a1, a2 = shapes
-        out = tuple([self.shape[k] for k in range(nd) if k != ax])
-        return ((a2, a1) if self.swap else (a1, a2)) + (out, pairwise)
 
     def _order(self) -> tuple[int, ...]:
         """Axes of the pairwise result, in the order it is computed."""
@@ -157,13 +160,7 @@ class OuterPlan:
         order = self._order()
         out = [k for k in range(len(self.shape)) if k != self.axis]
         g = _permute(xp, g, tuple(out.index(k) for k in order))
-        first, second = (self.right, self.left) if self.swap else (self.left, self.right)
-        sizes = (
-            *(self.shape[k] for k in self.batch),
-            math.prod(self.shape[k] for k in first),
-            math.prod(self.shape[k] for k in second),
-        )
-        return xp.reshape(g, sizes)
+        return xp.reshape(g, self._product_shape())
 
 
 def _permute(xp: Any, x: Any, perm: tuple[int, ...]) -> Any:

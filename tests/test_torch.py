@@ -557,7 +557,9 @@ def test_pairwise_forward_operator_tiles_are_the_core_product(self_similarity: b
     from polycos import _core
 
     n, m = 900, 1100
-    rows = max(backend._TILE_MIN_ROWS, backend._PRODUCT_TILE_BYTES // (8 * (n if self_similarity else m)))
+    from polycos import _kernels
+
+    rows = _kernels.tile_rows(n, n if self_similarity else m)
     assert rows < n  # more than one tile
     x1 = torch.randn(n, 24, generator=_gen(21))
     x2 = torch.randn(m, 24, generator=_gen(22))

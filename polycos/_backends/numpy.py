@@ -226,10 +226,6 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 SCRATCH_BYTES = 1 << 22
 #: Below this, temporaries are allocated as usual (glibc's default mmap threshold).
 SCRATCH_MIN_BYTES = 1 << 17
-#: A float32 pairwise result is formed from float64 tiles of at most this many
-#: bytes (at least TILE_MIN_ROWS rows: thinner tiles slow the BLAS call down).
-PRODUCT_TILE_BYTES = 1 << 22
-TILE_MIN_ROWS = 128
 _SCRATCH = threading.local()
 
 
@@ -293,7 +289,7 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
     rows = n if x2 is None else n + m
     # a float32 product in tiles of `tile` rows; a small one (the C library's
     # pool serves it at no cost) in one block outside the scratch memory
-    tile = min(n, max(TILE_MIN_ROWS, PRODUCT_TILE_BYTES // (8 * m)))
+    tile = k.tile_rows(n, m)
     tiled = f32 and 8 * n * m >= SCRATCH_MIN_BYTES
     # scratch: the normalised rows (not when kept), their transposed copy for
     # self-similarity, the float64 tile

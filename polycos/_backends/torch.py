@@ -460,11 +460,7 @@ def pairwise_backward(
     return out[0], (g.new_empty((0,)) if h2 is None else out[1])
 
 
-#: A float32 similarity matrix on the CPU is formed from float64 tiles of at
-#: most this many bytes (at least _TILE_MIN_ROWS rows), as on NumPy; a thread
-#: keeps one tile of this size.
-_PRODUCT_TILE_BYTES = 1 << 22
-_TILE_MIN_ROWS = 128
+#: The float64 tile a thread keeps for float32 products (``polycos._kernels.tile_rows``).
 _TILE = threading.local()
 
 
@@ -477,20 +473,20 @@ def _clamped_product(native: Any, h1: torch.Tensor, h2t: torch.Tensor, dtype: to
     much as the rounding. (Elsewhere rounding first and then clamping gives the
     same values: rounding is monotone and keeps +-1.)
     """
-    n, m = h1.shape[0], h2t.shape[1]
-    rows = min(n, max(_TILE_MIN_ROWS, _PRODUCT_TILE_BYTES // (8 * max(m, 1))))
     if not (isinstance(native, _CpuKernels) and h1.dtype == torch.float64 and dtype == torch.float32):
         return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
+    n, m = h1.shape[0], h2t.shape[1]
+    rows, cap = native.k.tile_rows(n, m), native.k.PRODUCT_TILE_BYTES
     out = torch.empty((n, m), dtype=dtype)
     if rows >= n:  # one tile: a fresh small block costs less than the cached one's bookkeeping
         native.clamp_round(torch.matmul(h1, h2t), out)
         return out
     tile = getattr(_TILE, "buf", None)
-    if 8 * rows * m > _PRODUCT_TILE_BYTES:  # a very wide matrix (128 rows > 4 MiB): a tile not kept
+    if 8 * rows * m > cap:  # a very wide matrix (the fewest rows > 4 MiB): a tile not kept
         tile = torch.empty(rows * m, dtype=torch.float64)
     elif tile is None or tile.numel() < rows * m:
         with torch.inference_mode(False):  # a normal tensor: later calls outside inference mode write it
-            tile = _TILE.buf = torch.empty(_PRODUCT_TILE_BYTES // 8, dtype=torch.float64)
+            tile = _TILE.buf = torch.empty(cap // 8, dtype=torch.float64)
     for lo in range(0, n, rows):  # each tile clamped and rounded into the result in one pass, in cache
         hi = min(n, lo + rows)
         block = torch.matmul(h1[lo:hi], h2t, out=tile[: (hi - lo) * m].view(hi - lo, m))

@@ -661,6 +661,19 @@ def normalize_vjp_ptr(
     _check(_lib().polycos_normalize_vjp(t, acc, rows, d, h, v, stats, int(rescaled), eps, v, threads))
 
 
+#: A float32 pairwise product is formed in float64 tiles of rows of at most
+#: this many bytes (at least TILE_MIN_ROWS rows: thinner tiles slow the BLAS call
+#: down), each clamped and rounded into the result by :func:`clamp_round_ptr`
+#: while in cache (NumPy's lean path and the torch ``pairwise_forward`` operator).
+PRODUCT_TILE_BYTES = 1 << 22
+TILE_MIN_ROWS = 128
+
+
+def tile_rows(n: int, m: int) -> int:
+    """Rows per float64 tile of an ``n x m`` product (``n``: the whole product is one tile)."""
+    return min(n, max(TILE_MIN_ROWS, PRODUCT_TILE_BYTES // (8 * max(m, 1))))
+
+
 def clamp_round_ptr(p: int, n: int, out: int) -> None:
     """``out[:n] = float32(clip(p[:n], -1, 1))`` on addresses of C-contiguous float64 and float32 memory.
 
