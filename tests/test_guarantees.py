@@ -275,7 +275,8 @@ def test_with_vjp_equals_the_separate_calls(info: BackendInfo, dtype: str) -> No
     """G8 across routes: ``*_with_vjp`` (which reuses the forward's residuals) gives the bits of the
     separate value and VJP calls, pairwise (two inputs and self-similarity) and as outer-product
     broadcasts in both axis orders, with zero, below-eps, huge and NaN rows; its VJP can be called
-    again with the same result (the residuals are not consumed)."""
+    again with the same result (the residuals are not consumed). G7 on this route: the inputs keep
+    their bits and (NumPy, torch) no output shares memory with them."""
     if dtype not in info.dtypes:
         pytest.skip(f"{info.name} does not compute in {dtype} here")
     r = np.random.default_rng(11)
@@ -285,16 +286,21 @@ def test_with_vjp_equals_the_separate_calls(info: BackendInfo, dtype: str) -> No
     z1[0], z1[1], z1[2], z2[1] = 0.0, 1e-12, 1e30, np.nan
     a, b = info.array(z1, dtype), info.array(z2, dtype)
     g, gs = info.array(r.standard_normal((n, m)), dtype), info.array(r.standard_normal((n, n)), dtype)
+    before = _bits(a, b)
     for eps in (1e-8, 0.0):
         s, vjp = polycos.pairwise_cosine_similarity_with_vjp(a, b, eps=eps)
         want = _bits(polycos.pairwise_cosine_similarity(a, b, eps=eps),
                      *polycos.pairwise_cosine_similarity_vjp(g, a, b, eps=eps))
-        assert _bits(s, *vjp(g)) == want
+        grads = vjp(g)
+        assert _bits(s, *grads) == want
         assert _bits(s, *vjp(g)) == want  # again: the residuals are reusable
+        if info.name in ("numpy", "torch"):  # G7: fresh outputs, untouched inputs
+            assert not any(_shares_memory(o, x) for o in (s, *grads) for x in (a, b))
         s, vjp = polycos.pairwise_cosine_similarity_with_vjp(a, eps=eps)
         (d,) = vjp(gs)
         assert _bits(s, d) == _bits(polycos.pairwise_cosine_similarity(a, eps=eps),
                                     *polycos.pairwise_cosine_similarity_vjp(gs, a, eps=eps))
+    assert _bits(a, b) == before
     z2a = info.array(z2[None, :, :], dtype)
     for x1, x2, dim, grad in ((info.array(z1[:, None, :], dtype), z2a, 2, g),
                               (z2a, info.array(z1[:, None, :], dtype), -1, g)):
