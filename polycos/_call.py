@@ -7,7 +7,7 @@ polycos, so that the backends and the validation do not import each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Call", "PairwiseCall"]
@@ -32,15 +32,16 @@ class Call:
     axis: int
     eps: float
     outer: Any  #: :class:`polycos._outer.OuterPlan` or ``None``
+    #: The result's shape: the broadcast shape without ``axis`` (computed once:
+    #: the forward and the VJP both read it)
+    out_shape: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_shape", tuple(d for i, d in enumerate(self.shape) if i != self.axis))
 
     @property
     def dtype(self) -> Any:
         return self.x1.dtype
-
-    @property
-    def out_shape(self) -> tuple:
-        """The result's shape: the broadcast shape without ``axis``."""
-        return tuple(d for i, d in enumerate(self.shape) if i != self.axis)
 
     @property
     def empty(self) -> bool:

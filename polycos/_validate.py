@@ -209,39 +209,75 @@ def validate(x1: Any, x2: Any, dim: Any, eps: Any, *, axis: Any = None) -> Call:
     given1, given2 = x1, x2
     dim = resolve_dim(dim, axis)
     backend, xp = _backend_and_namespace((("x1", x1), ("x2", x2)))
-    _register_numpy(backend)
+    _register(backend, xp)
     x1, x2 = backend.accept(xp, (("x1", x1), ("x2", x2)))
     shape = broadcast_shapes(tuple(x1.shape), tuple(x2.shape), names=("x1", "x2"))
     ax = normalize_axis(dim, len(shape), name="dim", shape=shape)
     eps = check_eps(eps)
     p1, p2 = backend.promote(xp, x1, x2)
     outer = _outer.plan(shape, ax, tuple(p1.shape), tuple(p2.shape))
-    if p1 is given1 and p2 is given2 and type(dim) is int and _NUMPY and backend is _NUMPY[0][1]:
+    if p1 is given1 and p2 is given2 and type(dim) is int and _plain_entry(p1, p2) is not None:
         if len(_ROWWISE_PLANS) >= _ROWWISE_PLANS_MAX:
             _ROWWISE_PLANS.clear()
-        _ROWWISE_PLANS[(p1.shape, p2.shape, dim)] = (shape, ax, outer)
+        _ROWWISE_PLANS[(tuple(p1.shape), tuple(p2.shape), dim)] = (shape, ax, outer)
     return Call(backend, xp, p1, p2, shape, ax, eps, outer)
 
 
-#: The plans of NumPy row-wise calls already validated the long way, by
-#: ``(x1.shape, x2.shape, dim)``: ``(broadcast shape, axis, outer plan)``. A
-#: training loop repeats a few shapes; the checks that depend on the shapes
-#: alone are not repeated (:func:`_plain_rowwise`).
+#: The plans of row-wise calls on plain arrays (:func:`_plain_entry`) already
+#: validated the long way, by ``(x1.shape, x2.shape, dim)``: ``(broadcast shape,
+#: axis, outer plan)``. A training loop repeats a few shapes; the checks that
+#: depend on the shapes alone are not repeated (:func:`_plain_rowwise`).
 _ROWWISE_PLANS: dict[tuple, tuple] = {}
 _ROWWISE_PLANS_MAX = 1024
 
+#: ``(array type, backend, namespace, dtypes)`` of each backend whose arrays have
+#: been validated the long way and that names plain arrays
+#: (:meth:`polycos._backends._base.Backend.plain_arrays`: NumPy's ``ndarray``,
+#: torch's ``Tensor``): their common calls are then recognised in a few
+#: attribute reads. A tuple scanned with ``is``: Dynamo traces it.
+_PLAIN: tuple[tuple[type, Any, Any, tuple[Any, ...]], ...] = ()
+
+
+def _register(backend: Any, xp: Any) -> None:
+    """Remember a backend's plain array type once its arrays have been validated the long way."""
+    global _PLAIN
+    spec = backend.plain_arrays()
+    if spec is None or any(entry[1] is backend for entry in _PLAIN):
+        return
+    array_type, dtypes = spec
+    _PLAIN = (*_PLAIN, (array_type, backend, xp, tuple(dtypes)))
+    if backend.name == "numpy":  # ndarray.reshape: NumPy's function form wraps it in Python
+        _outer.register_reshape_method(array_type)
+
+
+def _plain_entry(x1: Any, x2: Any | None) -> tuple[type, Any, Any, tuple[Any, ...]] | None:
+    """The registry entry of two plain arrays (``x2`` may be ``None``) of one fast dtype; else ``None``.
+
+    Plain: exactly the backend's array type (no subclass), a dtype it lists,
+    ``x2`` of the same type and dtype, and whatever the backend checks per call
+    (:meth:`~polycos._backends._base.Backend.plain_now`: torch's device, layout,
+    not while compiling). For these every type, dtype and device check of the
+    full path passes and promotes nothing.
+    """
+    t = type(x1)
+    for entry in _PLAIN:
+        if t is entry[0]:
+            if x1.dtype not in entry[3] or (x2 is not None and (type(x2) is not t or x2.dtype != x1.dtype)):
+                return None
+            return entry if entry[1].plain_now(x1, x2) else None
+    return None
+
 
 def _plain_rowwise(x1: Any, x2: Any, dim: Any, eps: Any, axis: Any) -> Call | None:
-    """A NumPy row-wise call whose shapes were validated before, in a few attribute reads; else ``None``.
+    """A row-wise call on plain arrays whose shapes were validated before, in a few attribute reads; else ``None``.
 
-    Two plain ``numpy.ndarray`` of one dtype, float32 or float64, an ``int``
-    ``dim`` (or ``axis``, or neither: 1) and a Python float ``eps`` that is
-    finite and ``>= 0``: every check of the full path passes for these exactly
-    as it did for the same shapes and ``dim`` (no promotion), so the call is
-    the same :class:`Call`. Everything else, every error included, takes the
-    full path.
+    Two plain arrays (:func:`_plain_entry`), an ``int`` ``dim`` (or ``axis``, or
+    neither: 1) and a Python float ``eps`` that is finite and ``>= 0``: every
+    check of the full path passes for these exactly as it did for the same
+    shapes and ``dim`` (no promotion), so the call is the same :class:`Call`.
+    Everything else, every error included, takes the full path.
     """
-    if not _NUMPY or type(eps) is not float or not 0.0 <= eps < math.inf:
+    if not _PLAIN or type(eps) is not float or not 0.0 <= eps < math.inf:
         return None
     if axis is None:
         dim = 1 if dim is None else dim
@@ -249,54 +285,38 @@ def _plain_rowwise(x1: Any, x2: Any, dim: Any, eps: Any, axis: Any) -> Call | No
         dim = axis
     else:
         return None
-    ndarray, backend, xp, dtypes = _NUMPY[0]
-    if type(x1) is not ndarray or type(x2) is not ndarray or x1.dtype not in dtypes or x2.dtype != x1.dtype:
+    if type(dim) is not int or x2 is None:
         return None
-    known = _ROWWISE_PLANS.get((x1.shape, x2.shape, dim)) if type(dim) is int else None
+    entry = _plain_entry(x1, x2)
+    if entry is None:
+        return None
+    known = _ROWWISE_PLANS.get((tuple(x1.shape), tuple(x2.shape), dim))
     if known is None:
         return None
-    return Call(backend, xp, x1, x2, known[0], known[1], eps + 0.0, known[2])
-
-
-def _register_numpy(backend: Any) -> None:
-    """Remember NumPy's backend, namespace and fast dtypes once its arrays have been seen."""
-    if not _NUMPY and backend.name == "numpy":
-        import numpy as np
-
-        _NUMPY.append((np.ndarray, backend, backend.namespace((("x", np.empty(0)),)),
-                       (np.dtype(np.float32), np.dtype(np.float64))))
-
-
-#: ``(numpy.ndarray, its backend, its namespace, (float32, float64))`` once a NumPy
-#: pairwise call has been validated the long way: the common call is then
-#: recognised in a few attribute reads (:func:`_plain_pairwise`).
-_NUMPY: list[tuple[Any, Any, Any, tuple[Any, ...]]] = []
+    return Call(entry[1], entry[2], x1, x2, known[0], known[1], eps + 0.0, known[2])
 
 
 def _plain_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall | None:
-    """The common NumPy pairwise call, validated in a few attribute reads; ``None`` for anything else.
+    """The common pairwise call on plain arrays, validated in a few attribute reads; ``None`` for anything else.
 
-    Two plain ``numpy.ndarray`` of shapes ``(N, D)``, ``(M, D)`` (or ``x2=None``)
-    and one dtype, float32 or float64, and a Python float ``eps`` that is
-    finite and ``>= 0``: every check of the full path passes for these and
-    changes nothing (no promotion, no broadcast), so the call is the same
-    :class:`PairwiseCall`. Everything else, every error included, takes the
-    full path.
+    Two plain arrays (:func:`_plain_entry`) of shapes ``(N, D)``, ``(M, D)``
+    (or ``x2=None``) and a Python float ``eps`` that is finite and ``>= 0``:
+    every check of the full path passes for these and changes nothing (no
+    promotion, no broadcast), so the call is the same :class:`PairwiseCall`.
+    Everything else, every error included, takes the full path.
     """
-    if not _NUMPY or type(eps) is not float:
+    if not _PLAIN or type(eps) is not float or not 0.0 <= eps < math.inf:
         return None
-    ndarray, backend, xp, dtypes = _NUMPY[0]
-    if type(x1) is not ndarray or x1.ndim != 2 or x1.dtype not in dtypes:
+    entry = _plain_entry(x1, x2)
+    if entry is None or x1.ndim != 2:
         return None
     if x2 is None:
         m = x1.shape[0]
-    elif type(x2) is not ndarray or x2.ndim != 2 or x2.dtype != x1.dtype or x2.shape[1] != x1.shape[1]:
+    elif x2.ndim != 2 or x2.shape[1] != x1.shape[1]:
         return None
     else:
         m = x2.shape[0]
-    if not 0.0 <= eps < math.inf:
-        return None
-    return PairwiseCall(backend, xp, x1, x2, eps + 0.0, (x1.shape[0], m))
+    return PairwiseCall(entry[1], entry[2], x1, x2, eps + 0.0, (x1.shape[0], m))
 
 
 def validate_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall:
@@ -306,7 +326,7 @@ def validate_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall:
         return call
     given = (("x1", x1),) if x2 is None else (("x1", x1), ("x2", x2))
     backend, xp = _backend_and_namespace(given)
-    _register_numpy(backend)
+    _register(backend, xp)
     accepted = backend.accept(xp, given)
     x1 = accepted[0]
     x2 = None if x2 is None else accepted[1]
@@ -339,9 +359,9 @@ def check_grad(grad: Any, call: Call | PairwiseCall, shape: tuple) -> Any:
     """``grad`` of the inputs' library and device, real, broadcastable to ``shape``; cast to the call's dtype."""
     backend = call.backend
     if (
-        _NUMPY and backend is _NUMPY[0][1] and type(grad) is _NUMPY[0][0]
-        and grad.dtype == call.dtype and grad.shape == tuple(shape)
-    ):  # a plain ndarray of the result's shape and dtype passes every check below unchanged
+        type(grad) is type(call.x1) and grad.dtype == call.dtype and tuple(grad.shape) == tuple(shape)
+        and _plain_entry(call.x1, grad) is not None
+    ):  # a plain array of the inputs' kind, of the result's shape and dtype passes every check below unchanged
         return grad
     if not backend.owns(grad):
         raise TypeError(

@@ -391,6 +391,67 @@ def test_normalize_pair_is_normalize_rows_bitwise(dtype: str, work: bool) -> Non
             assert same_bits(out, xh)
 
 
+def test_address_is_ctypes_data() -> None:
+    """``address`` (the buffer protocol where it applies) is ``ctypes.data`` for every kind of array."""
+    import ml_dtypes
+
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    ro = base.copy()
+    ro.flags.writeable = False
+    arrays = [base, base[1:], base[:, 2:], base[::-1], base.T, ro, np.broadcast_to(base[0], (3, 6)),
+              np.empty((0, 3)), np.zeros(5, ml_dtypes.bfloat16), np.full((), 2.0)]
+    for a in arrays:
+        assert K.address(a) == a.ctypes.data
+
+
+def _quotients_are_divisions(x: np.ndarray, eps: float) -> None:
+    """Float32 rows: the kernel's xhat is ``x / c`` correctly rounded (the core's division), on every clone."""
+    results = []
+    for isa in ("baseline", "avx2"):
+        if not K.isa_available(isa):
+            continue
+        prev = K.set_isa(isa)
+        try:
+            xh, stats = K.normalize_pair(x, None, eps, stats=True, nthreads=1)
+        finally:
+            K.set_isa(prev)
+        cs = stats[0][:, None]
+        with np.errstate(all="ignore"):
+            want = x.astype(np.float64) / np.where(cs == 0, 1.0, cs)
+        assert same_bits(xh, want), isa
+        results.append(xh)
+    assert all(same_bits(r, results[0]) for r in results)
+
+
+def test_float32_row_quotients_are_the_division() -> None:
+    """The AVX2 clone forms float32 rows' ``x / c`` by a reciprocal and two FMA corrections
+    (``exact_quotient_by_fma`` in cpu.cpp): the bits of the division, checked here over
+    half a million quotients: rows of 1 to 4 values over float32's whole range
+    (subnormals included), so that ``c`` takes every binade and every position in it,
+    and eps values that keep the FMA path (0, 1e-8) or leave it (far beyond the rows)."""
+    rng = np.random.default_rng(7)
+    for d in (1, 2, 3, 4):
+        mant = rng.uniform(-2.0, 2.0, (40_000, d))
+        expo = rng.integers(-150, 128, (40_000, 1)) + rng.integers(-30, 1, (40_000, d))
+        x = np.ldexp(mant, expo).astype(np.float32)
+        x[:100] = rng.integers(-3, 4, (100, d))  # small integers: quotients of exact squares
+        x[100] = 0
+        x[101, 0] = np.nan
+        x[102, 0] = np.inf
+        for eps in (0.0, 1e-8, 1e300):
+            _quotients_are_divisions(x, eps)
+
+
+@settings(deadline=None)
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 40)),
+               elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+    st.sampled_from([0.0, 1e-30, 1e-8, 1.0, 1e30, 1e250]),
+)
+def test_float32_row_quotients_are_the_division_on_any_rows(x: np.ndarray, eps: float) -> None:
+    _quotients_are_divisions(x, eps)
+
+
 def _normalize_vjp_reference(h: np.ndarray, v: np.ndarray, stats: np.ndarray, eps: float, rescaled: bool) -> np.ndarray:
     """_core.row_normalize_vjp's formula in long double on the same (rounded) h, v and statistics."""
     cs, ns, m = (np.asarray(stats[i], np.longdouble)[:, None] for i in range(3))

@@ -651,6 +651,65 @@ def test_pairwise_gradcheck_batched_and_forward_mode() -> None:
         assert gradgradcheck(fn, args)
 
 
+@pytest.mark.parametrize("spelling", ["left-right", "swapped", "batched"])
+def test_outer_broadcast_reshapes_inside_the_function(spelling: str) -> None:
+    """An outer product whose moves are reshapes is one autograd node: the Function takes the
+    caller's tensors and reshapes inside (no view nodes of polycos's own); values, first and
+    second order gradients, forward mode and batched gradients as on any other route."""
+    a = torch.randn(4, 3, dtype=f64, generator=_gen(21), requires_grad=True)
+    b = torch.randn(5, 3, dtype=f64, generator=_gen(22), requires_grad=True)
+
+    def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if spelling == "left-right":
+            return polycos.cosine_similarity(x[:, None, :], y[None, :, :], dim=2)
+        if spelling == "swapped":  # SimCLR's order: the product is taken as y against x
+            return polycos.cosine_similarity(y[None], x[:, None], dim=-1)
+        return polycos.cosine_similarity(x[None, :, None, :], y[None, None], dim=-1)  # a unit batch axis
+
+    s = fn(a, b)
+    assert type(s.grad_fn).__name__ == "PairwiseFunctionBackward"
+    assert all(type(f).__name__ == "UnsqueezeBackward0" for f, _ in s.grad_fn.next_functions)
+    want = F.cosine_similarity(a[:, None, :], b[None, :, :], dim=2)
+    torch.testing.assert_close(s.reshape(want.shape), want, rtol=1e-13, atol=1e-15)
+    assert gradcheck(fn, (a, b), check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True)
+    assert gradgradcheck(fn, (a, b))
+    with torch.no_grad():  # no gradient follows: the common route (no Function)
+        assert fn(a, b).grad_fn is None
+
+
+def test_torch_shortcut_validation_reaches_the_same_call_and_errors_still_raise() -> None:
+    """Plain tensors whose shapes were validated before skip the plan (``_plain_rowwise``) and
+    pairwise calls the full checks (``_plain_pairwise``): the same Call; a tensor on another
+    device, a subclass, a promotion or a bad argument still takes the full path and its error."""
+    from polycos import _validate
+
+    x1, x2 = torch.randn(5, 1, 3), torch.randn(1, 4, 3)
+    first = _validate.validate(x1, x2, 2, 1e-8)
+    assert _validate._plain_rowwise(x1, x2, 2, 1e-8, None) is not None
+    again = _validate.validate(x1.clone(), x2.clone(), 2, 1e-8)
+    assert (again.shape, again.axis, again.outer, again.eps) == (first.shape, first.axis, first.outer, first.eps)
+    assert _validate._plain_pairwise(x1[:, 0], x2[0], 1e-8) is not None
+    meta = x2.to("meta")
+    assert _validate._plain_rowwise(x1, meta, 2, 1e-8, None) is None
+    assert _validate._plain_pairwise(x1[:, 0], meta[0], 1e-8) is None
+    with pytest.raises(ValueError, match="same device"):
+        polycos.cosine_similarity(x1, meta, 2)
+    with pytest.raises(ValueError, match="same device"):
+        polycos.pairwise_cosine_similarity(x1[:, 0], meta[0])
+    p = torch.nn.Parameter(x1)
+    assert _validate._plain_rowwise(p, x2, 2, 1e-8, None) is None  # a subclass: the full path
+    with pytest.raises(ValueError, match="eps"):
+        polycos.cosine_similarity(x1, x2, 2, eps=-1.0)
+    with pytest.raises(IndexError, match="dim=3"):
+        polycos.cosine_similarity(x1, x2, 3)
+    assert polycos.cosine_similarity(x1, x2.double(), 2).dtype == torch.float64  # promoted: the full path
+    s, vjp = polycos.pairwise_cosine_similarity_with_vjp(x1[:, 0], x2[0])
+    with pytest.raises(ValueError, match="same device"):
+        vjp(torch.ones(5, 4, device="meta"))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        vjp(torch.ones(4, 5))
+
+
 @pytest.mark.slow
 def test_seed001_pattern_stays_under_1_5_gb() -> None:
     """G9: SimCLR's similarity matrix by broadcasting, N = 2048, D = 128, forward and backward."""

@@ -23,7 +23,7 @@ treat every backend from one table.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import array_api_compat
 
@@ -33,9 +33,17 @@ if TYPE_CHECKING:
     from polycos._backends import Entry
     from polycos._call import Call, PairwiseCall
 
-__all__ = ["Backend", "dtype_name"]
+__all__ = ["Backend", "OuterResiduals", "dtype_name"]
 
 Array = Any
+
+
+class OuterResiduals(NamedTuple):
+    """What the forward of an outer-product broadcast leaves for its VJP."""
+
+    a1: Any  #: the canonical inputs the product took (:meth:`polycos._outer.OuterPlan.inputs`)
+    a2: Any
+    pairwise: Any  #: :meth:`Backend.pairwise_forward_with_residuals`' residuals
 
 
 def dtype_name(dtype: Any) -> str:
@@ -83,6 +91,20 @@ class Backend:
     def owns(self, x: Any) -> bool:
         """Whether ``x`` is an array of this backend's library."""
         return bool(self.entry.owns(x))
+
+    def plain_arrays(self) -> tuple[type, tuple[Any, ...]] | None:
+        """``(array type, dtypes)`` whose repeated calls :mod:`polycos._validate` may recognise cheaply.
+
+        Arrays of exactly that type and one of those dtypes pass every check of
+        :meth:`accept` and :meth:`promote` unchanged whenever :meth:`plain_now`
+        holds: validating them again for shapes already seen would only repeat
+        the same work. ``None`` (the default): always validated in full.
+        """
+        return None
+
+    def plain_now(self, x1: Any, x2: Any | None) -> bool:
+        """For arrays of :meth:`plain_arrays`' type and dtypes: whether this call's other checks pass too."""
+        return True
 
     # ------------------------------------------------------------------ input policy
 
@@ -197,10 +219,10 @@ class Backend:
     def forward_with_residuals(self, call: Call) -> tuple[Array, Any]:
         """The forward value and what :meth:`vjp` can reuse (``None``: nothing)."""
         plan = call.outer
-        if plan is not None:  # an outer product: the pairwise forward's residuals
+        if plan is not None:  # an outer product: the pairwise forward's residuals, and its inputs
             a1, a2 = plan.inputs(call.xp, call.x1, call.x2)
             s, residuals = self.pairwise_forward_with_residuals(a1, a2, call.eps)
-            return plan.output(call.xp, s), residuals
+            return plan.output(call.xp, s), OuterResiduals(a1, a2, residuals)
         if self.value_plan(call)[0] is not None:  # stride-0 views read as an outer product: the value only
             return self.forward(call), None
         return self.rowwise_forward(call)
@@ -215,7 +237,10 @@ class Backend:
             g = xp.broadcast_to(grad, out_shape)
         plan = call.outer
         if plan is not None:
-            a1, a2 = plan.inputs(xp, call.x1, call.x2)
+            if isinstance(residuals, OuterResiduals):
+                a1, a2, residuals = residuals
+            else:
+                a1, a2 = plan.inputs(xp, call.x1, call.x2)
             d = self.pairwise_vjp(plan.grad(xp, g), a1, a2, call.eps, residuals)
             return plan.gradients(xp, d, tuple(call.x1.shape), tuple(call.x2.shape))
         return self.rowwise_vjp(g, call, residuals)

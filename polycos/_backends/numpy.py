@@ -41,12 +41,17 @@ BLOCK_ELEMENTS = 1 << 20
 
 def _kernels() -> Any:
     """The compiled CPU kernel module, or ``None`` when it is not built here."""
-    try:
-        from polycos import _kernels
-    except ImportError:  # pragma: no cover - the package always has the loader
-        return None
-    available = getattr(_kernels, "available", None)
-    return _kernels if available is not None and available() else None
+    if not _KERNELS:  # looked up once (an import statement per call costs about 1 us)
+        try:
+            from polycos import _kernels as k
+        except ImportError:  # pragma: no cover - the package always has the loader
+            k = None
+        _KERNELS.append(k)
+    k = _KERNELS[0]
+    return k if k is not None and k.available() else None
+
+
+_KERNELS: list[Any] = []
 
 
 class NumPyBackend(Backend):
@@ -106,6 +111,9 @@ class NumPyBackend(Backend):
 
     def default_float(self, xp: Any, like: Any) -> Any:
         return np.float64
+
+    def plain_arrays(self) -> tuple[type, tuple[Any, ...]]:
+        return np.ndarray, (_F32, _F64)
 
     def result_type(self, xp: Any, x1: Any, x2: Any) -> Any:
         return np.result_type(x1.dtype, x2.dtype)
@@ -316,10 +324,10 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
         np.minimum(s, 1.0, out=s)
     elif not tiled:
         s, p = np.empty((n, m), _F32), np.matmul(h1, h2t)  # (p stays referenced while the kernel reads it)
-        k.clamp_round_ptr(p.ctypes.data, n * m, s.ctypes.data)
+        k.clamp_round_ptr(k.address(p), n * m, k.address(s))
     else:
         s, block = np.empty((n, m), _F32), tmp.pop(0)
-        at, bt = s.ctypes.data, block.ctypes.data
+        at, bt = k.address(s), k.address(block)
         for lo in range(0, n, tile):  # each tile clamped and rounded into the result in one pass, in cache
             hi = min(n, lo + tile)
             np.matmul(h1[lo:hi], h2t, out=block[: hi - lo])

@@ -645,27 +645,50 @@ class _Pairwise(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        x1: torch.Tensor, x2: torch.Tensor | None, eps: float, shapes: tuple | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        if shapes is not None:  # an outer-product broadcast: the matrices by reshapes no autograd node records
+            x1, x2 = x1.reshape(shapes[0]), x2.reshape(shapes[1])  # type: ignore[union-attr]
         if kernel_ok(x1) and (x2 is None or kernel_ok(x2)):
             s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, x2, eps)
-            return (s, h1, st1, h1, st1) if x2 is None else (s, h1, st1, h2, st2)
-        with _no_autocast(x1):
-            s, (r1, r2) = _core.pairwise_forward(xp, x1, x2, eps, native_product=_product)
-        r2 = r1 if r2 is None else r2
-        return s, r1.xhat, _stats(r1), r2.xhat, _stats(r2)
+            if x2 is None:
+                h2, st2 = h1, st1
+        else:
+            with _no_autocast(x1):
+                s, (r1, r2) = _core.pairwise_forward(xp, x1, x2, eps, native_product=_product)
+            r2 = r1 if r2 is None else r2
+            h1, st1, h2, st2 = r1.xhat, _stats(r1), r2.xhat, _stats(r2)
+        return (s if shapes is None else s.reshape(shapes[2])), h1, st1, h2, st2
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x1, x2, eps = inputs
+        x1, x2, eps, *rest = inputs
         _, h1, st1, h2, st2 = output
         ctx.mark_non_differentiable(h1, st1, h2, st2)
         ctx.eps = eps
+        ctx.shapes = rest[0] if rest else None
         ctx.save_for_backward(x1, x2, h1, st1, h2, st2)
         ctx.save_for_forward(x1, x2)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:  # type: ignore[override]
         x1, x2, h1, st1, h2, st2 = ctx.saved_tensors
+        shapes = ctx.shapes
+        if shapes is not None:  # the outer-product route: the matrices' gradients, reshaped back
+            d1, d2 = _Pairwise._matrix_backward(ctx, g.reshape(shapes[3]), x1.reshape(shapes[0]),
+                                                x2.reshape(shapes[1]), h1, st1, h2, st2)
+            need1, need2 = ctx.needs_input_grad[:2]
+            return (d1.reshape(x1.shape) if need1 else None), (d2.reshape(x2.shape) if need2 else None), None, None
+        d1, d2 = _Pairwise._matrix_backward(ctx, g, x1, x2, h1, st1, h2, st2)
+        need1, need2 = ctx.needs_input_grad[:2]
+        return (d1 if need1 else None), (d2 if need2 else None), None, None
+
+    @staticmethod
+    def _matrix_backward(
+        ctx: Any, g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor | None, h1: torch.Tensor,
+        st1: torch.Tensor, h2: torch.Tensor, st2: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if torch.is_grad_enabled() or g.numel() == 0:
             # Differentiated itself: normalise again, differentiably. No pairs: the core's zeros
             # (the operator kept no residuals).
@@ -680,8 +703,7 @@ class _Pairwise(torch.autograd.Function):
             residuals = (r1, None if x2 is None else _row_norms(x2, h2, st2))
             with _no_autocast(x1):
                 d1, d2 = _core.pairwise_vjp(xp, g, x1, x2, ctx.eps, residuals)
-        need1, need2 = ctx.needs_input_grad[:2]
-        return (d1 if need1 else None), (d2 if need2 else None), None
+        return d1, d2
 
 
 def _stats(r: _core.RowNorms) -> torch.Tensor:
@@ -752,8 +774,14 @@ class PairwiseFunction(_Pairwise):
     @staticmethod
     def jvp(ctx: Any, t1: Any, t2: Any, *_: Any) -> tuple:  # type: ignore[override]
         x1, x2 = ctx.saved_tensors
+        shapes = ctx.shapes
+        if shapes is not None:
+            x1, x2 = x1.reshape(shapes[0]), x2.reshape(shapes[1])
+            t1 = None if t1 is None else t1.reshape(shapes[0])
+            t2 = None if t2 is None else t2.reshape(shapes[1])
         with _no_autocast(x1):
-            return _core.pairwise_jvp(xp, t1, t2, x1, x2, ctx.eps), None, None, None, None
+            ds = _core.pairwise_jvp(xp, t1, t2, x1, x2, ctx.eps)
+        return (ds if shapes is None else ds.reshape(shapes[2])), None, None, None, None
 
 
 def _compiling() -> bool:
@@ -776,9 +804,10 @@ def apply_cosine(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> t
     return fn.apply(x1, x2, axis, eps)
 
 
-def apply_pairwise(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> torch.Tensor:
+def apply_pairwise(x1: torch.Tensor, x2: torch.Tensor | None, eps: float, shapes: tuple | None = None) -> torch.Tensor:
+    """The pairwise Function; ``shapes``: an outer-product plan's ``direct`` shapes (inputs of any shape)."""
     fn = _Pairwise if _compiling() else PairwiseFunction
-    return fn.apply(x1, x2, eps)[0]
+    return fn.apply(x1, x2, eps, shapes)[0]
 
 
 # --------------------------------------------------------------------------- the backend
@@ -851,6 +880,15 @@ class TorchBackend(Backend):
     def same_device(self, a: Any, b: Any) -> bool:
         return a == b
 
+    def plain_arrays(self) -> tuple[type, tuple[Any, ...]]:
+        return torch.Tensor, (torch.float32, torch.float64)
+
+    def plain_now(self, x1: Any, x2: Any | None) -> bool:
+        """Strided, not nested, one device, and not traced (Dynamo's shapes may be symbolic)."""
+        if torch.compiler.is_compiling() or x1.layout != torch.strided or x1.is_nested:
+            return False
+        return x2 is None or (x2.layout == torch.strided and not x2.is_nested and x2.device == x1.device)
+
     def default_float(self, xp_: Any, like: Any) -> Any:
         return torch.get_default_dtype()
 
@@ -861,7 +899,20 @@ class TorchBackend(Backend):
     def cast_grad(self, xp_: Any, grad: Any, dtype: Any) -> Any:
         return grad if grad.dtype == dtype else grad.to(dtype)
 
-    # ------------------------------------------------------------------ leaves
+    # ------------------------------------------------------------------ route and leaves
+
+    def forward(self, call: Call) -> Any:
+        """An outer product whose moves are all reshapes (``plan.direct``), differentiated eagerly:
+        the reshapes run inside the Function, where autograd records none of them (three view nodes
+        fewer, forward and backward); every other call takes the common route."""
+        plan = call.outer
+        if plan is None or plan.direct is None or _compiling():
+            return super().forward(call)
+        x1, x2 = _autocast_inputs(call.x1, call.x2)
+        first, second = (x2, x1) if plan.swap else (x1, x2)
+        if not _differentiated(first, second):
+            return super().forward(call)
+        return apply_pairwise(first, second, call.eps, plan.direct)
 
     def rowwise_forward(self, call: Call) -> tuple[Any, Any]:
         x1, x2 = _autocast_inputs(call.x1, call.x2)
