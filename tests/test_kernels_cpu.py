@@ -424,11 +424,10 @@ def _quotients_are_divisions(x: np.ndarray, eps: float) -> None:
 
 
 def test_float32_row_quotients_are_the_division() -> None:
-    """The AVX2 clone forms float32 rows' ``x / c`` by a reciprocal and two FMA corrections
-    (``exact_quotient_by_fma`` in cpu.cpp): the bits of the division, checked here over
-    half a million quotients: rows of 1 to 4 values over float32's whole range
-    (subnormals included), so that ``c`` takes every binade and every position in it,
-    and eps values that keep the FMA path (0, 1e-8) or leave it (far beyond the rows)."""
+    """Float32 rows normalised in float64: each ``x / c`` is the correctly rounded division
+    (the core's), the same bits on every ISA clone, over half a million quotients: rows of 1
+    to 4 values over float32's whole range (subnormals included), so that ``c`` takes every
+    binade and every position in it, with ``eps`` inside the rows' range and far beyond it."""
     rng = np.random.default_rng(7)
     for d in (1, 2, 3, 4):
         mant = rng.uniform(-2.0, 2.0, (40_000, d))

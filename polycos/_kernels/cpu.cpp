@@ -2130,25 +2130,6 @@ void backward_columns(const Call& c, i64 r0, i64 r1) {
 
 // ------------------------------------------------------------------ normalize_rows
 
-// Whether normalize_row may form x / c as q0 = x y, q1 = q0 + (x - c q0) y,
-// q2 = q1 + (x - c q1) y with y = RN(1 / c), each correction one FMA: float32
-// rows in float64, in clones with hardware FMA, for a normal c in
-// [2^-800, 2^800]. Then q2 is the correctly rounded x / c, the division's
-// bits: |q0 - x/c| < 1.5 ulp, so q1 is within one ulp (the correction's own
-// error is ~2^-52 of its size), and Markstein's theorem (y within half an ulp
-// of 1/c, q1 within one ulp of x/c: x - c q1 is exact and RN(q1 + (x - c q1) y)
-// = RN(x/c); Muller et al., Handbook of Floating-Point Arithmetic, 2nd ed.,
-// Thm. 4.10) gives the rest. The range keeps every q and residual normal for
-// any float32 x (|x| in [2^-149, 2^128]): no underflow, no overflow. Outside
-// it (an eps far from 1, inf, NaN) the row divides. A zero x keeps its sign.
-template <class Cf> PCI bool exact_quotient_by_fma(typename Cf::A c) {
-    if constexpr (POLYCOS_HAVE_FMA && std::is_same<typename Cf::T, float>::value &&
-                  std::is_same<typename Cf::A, double>::value)
-        return c >= 0x1p-800 && c <= 0x1p800;
-    else
-        return false;
-}
-
 // _core.normalize_rows for one row: m = max|x| (rescaling dtypes), the
 // (compensated) norm of b = x / m, xhat = b / c.
 template <class Cf, typename O, bool CONTIG>
@@ -2175,24 +2156,6 @@ void normalize_row(const typename Cf::T* x, i64 s, O* xh, i64 sh, i64 n, typenam
     LaneOps<Cf>::result(hi, lo, w, l);
     out = polycos_rows::normalize_finish<Cf::C>(w, l, m, eps);
     const A c = out.c;
-    if (exact_quotient_by_fma<Cf>(c)) {
-        // b / c by the reciprocal and two FMA corrections: the same bits as the
-        // division (see exact_quotient_by_fma), about twice the throughput.
-        const N y = splat<N>(A(1) / c), cv = splat<N>(c);
-        for (i64 k = 0; k < n; k += L) {
-            const int cnt = int(std::min<i64>(L, n - k));
-            N b[K];
-            load_lanes<Cf, CONTIG>(x + k * s, s, cnt, b);
-            for (int j = 0; j < K; ++j) {
-                N q = b[j] * y;
-                q = polycos_rows::pfma(polycos_rows::pfma(-q, cv, b[j]), y, q);
-                q = polycos_rows::pfma(polycos_rows::pfma(-q, cv, b[j]), y, q);
-                b[j] = (b[j] == 0) ? b[j] : q;  // -0 / c is -0 (the corrections' +0 would clear the sign)
-            }
-            store_lanes<O, A, L, CONTIG>(xh + k * sh, sh, cnt, b);
-        }
-        return;
-    }
     for (i64 k = 0; k < n; k += L) {
         const int cnt = int(std::min<i64>(L, n - k));
         N b[K];
@@ -2260,7 +2223,7 @@ template <class Cf> void normalize_dispatch(const Call& c, i64 r0, i64 r1) {
 // _core.row_normalize_vjp for contiguous rows of n values of W (the product
 // dtype, float32 or float64; also the output dtype): h = xhat, v = the
 // cotangent, per-row cs, ns, m of A (m may be null: no rescaling). Per row:
-// above = ns > eps / m; proj = above ? <h, v> : 0 (summed in A in 16 lanes,
+// above = ns > eps / m; proj = above ? <h, v> : 0 (summed in A in 8 lanes,
 // combined by a fixed tree: more accurate than W, and the same bits on every
 // clone); inv = 1 / cs (0 where cs == 0) rounded to W;
 // d = ((v - proj h) inv) / m, in W.
@@ -2279,15 +2242,11 @@ void normalize_vjp_rows(const Call& c, i64 r0, i64 r1) {
         const bool above = ns[r] > (ms ? eps / m : eps);
         W proj = W(0);
         if (above) {
-            // 16 independent lanes (four AVX2 chains of float64 adds: the
-            // adds' latency, not their throughput, bounds fewer)
-            A acc[16];
-            for (int j = 0; j < 16; ++j) acc[j] = A(0);
+            A acc[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
             i64 k = 0;
-            for (; k + 16 <= n; k += 16)
-                for (int j = 0; j < 16; ++j) acc[j] += A(h[k + j]) * A(v[k + j]);
+            for (; k + 8 <= n; k += 8)
+                for (int j = 0; j < 8; ++j) acc[j] += A(h[k + j]) * A(v[k + j]);
             for (int j = 0; k + j < n; ++j) acc[j] += A(h[k + j]) * A(v[k + j]);
-            for (int j = 0; j < 8; ++j) acc[j] += acc[j + 8];
             proj = W(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
         }
         const A csr = cs[r];
