@@ -704,6 +704,7 @@ def test_torch_shortcut_validation_reaches_the_same_call_and_errors_still_raise(
         polycos.cosine_similarity(x1, x2, 3)
     assert polycos.cosine_similarity(x1, x2.double(), 2).dtype == torch.float64  # promoted: the full path
     s, vjp = polycos.pairwise_cosine_similarity_with_vjp(x1[:, 0], x2[0])
+    assert s.shape == (5, 4)
     with pytest.raises(ValueError, match="same device"):
         vjp(torch.ones(5, 4, device="meta"))
     with pytest.raises(ValueError, match="does not broadcast"):

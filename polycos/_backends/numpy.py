@@ -297,8 +297,8 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
     rows = n if x2 is None else n + m
     # a float32 product in tiles of `tile` rows; a small one (the C library's
     # pool serves it at no cost) in one block outside the scratch memory
-    tile = k.tile_rows(n, m)
     tiled = f32 and 8 * n * m >= SCRATCH_MIN_BYTES
+    tile = k.tile_rows(n, m) if tiled else n
     # scratch: the normalised rows (not when kept), their transposed copy for
     # self-similarity, the float64 tile
     specs = ([] if keep else [((rows, d), _F64)]) + ([((d, n), _F64)] if x2 is None else [])

@@ -399,8 +399,6 @@ def pairwise_forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> t
     the last two are empty. One operator for the whole forward: at 32 x 32 a
     dispatch costs as much as the arithmetic.
     """
-    if _core._has_no_rows(_pairwise_shape(x1, x2)):
-        return _empty_pairwise(x1, x2)
     native = _native(x1.device)
     if native is not None and hasattr(native, "normalize_rows") and _nonempty_matrices(x1, x2):
         h1, st1 = _kernel_rows(native, x1, eps)
@@ -409,6 +407,8 @@ def pairwise_forward(x1: torch.Tensor, x2: torch.Tensor | None, eps: float) -> t
             return _clamped_product(native, h1, h1.transpose(0, 1), x1.dtype), h1, st1, empty, empty.clone()
         h2, st2 = _kernel_rows(native, x2, eps)
         return _clamped_product(native, h1, h2.transpose(0, 1), x1.dtype), h1, st1, h2, st2
+    if _core._has_no_rows(_pairwise_shape(x1, x2)):
+        return _empty_pairwise(x1, x2)
     normalize = None if native is None or not hasattr(native, "normalize_rows") else _kernel_normalize(native)
     with _no_autocast(x1):
         s, (r1, r2) = _core.pairwise_forward(xp, x1, x2, eps, native_normalize=normalize, native_product=_product)
@@ -441,7 +441,8 @@ def pairwise_backward(
     """
     work, _, rescaled = _PAIRWISE_DTYPES[g.dtype]
     native = _native(g.device)
-    gw, h1w = g.to(work), h1.to(work)
+    gw = g if g.dtype == work else g.to(work)  # (a no-op .to() still costs a dispatch)
+    h1w = h1.to(work)
     if h2 is None:
         v1 = torch.matmul(gw, h1w)
         v1 += torch.matmul(gw.transpose(0, 1), h1w)
@@ -453,7 +454,7 @@ def pairwise_backward(
     for h, v, st in pairs:
         if isinstance(native, _CpuKernels):
             native.normalize_vjp(h.contiguous(), v, st.contiguous(), eps, rescaled)
-            out.append(v.to(g.dtype))
+            out.append(v if v.dtype == g.dtype else v.to(g.dtype))
         else:
             e = _core._eps_for(xp, st.dtype, eps)
             out.append(_row_normalize_vjp(v, h, st, e, rescaled).to(g.dtype))
@@ -650,7 +651,7 @@ class _Pairwise(torch.autograd.Function):
     ) -> tuple[torch.Tensor, ...]:
         if shapes is not None:  # an outer-product broadcast: the matrices by reshapes no autograd node records
             x1, x2 = x1.reshape(shapes[0]), x2.reshape(shapes[1])  # type: ignore[union-attr]
-        if kernel_ok(x1) and (x2 is None or kernel_ok(x2)):
+        if kernel_ok(x1) if x2 is None else kernel_ok(x1, x2):
             s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, x2, eps)
             if x2 is None:
                 h2, st2 = h1, st1
@@ -723,7 +724,7 @@ def _plain_matrices(g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor | None) 
         return False
     if g.numel() == 0:  # no pairs: the core's zero gradients (NaN rows included)
         return False
-    if not (kernel_ok(g, x1) and (x2 is None or kernel_ok(x2))):
+    if not (kernel_ok(g, x1) if x2 is None else kernel_ok(g, x1, x2)):
         return False
     device = x1.device.type
     return not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
