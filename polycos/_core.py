@@ -88,10 +88,10 @@ Mirrors (places that restate this module; each is tested against it)
   (:func:`normalize_rows` for two inputs at once, bitwise the kernel's row
   normalisation) and ``polycos_normalize_vjp`` (:func:`row_normalize_vjp`, the
   projection summed in the accumulation dtype; against the core and an exact
-  reference in ``tests/test_kernels_cpu.py``), and ``polycos_clamp_round``
-  (:func:`pairwise_product`'s clamp and rounding to float32 in one pass, on
-  each float64 tile of rows of the product, NumPy and the torch
-  ``pairwise_forward`` operator; bitwise, ``tests/test_kernels_cpu.py``,
+  reference in ``tests/test_kernels_cpu.py``), and ``polycos_clamp_round`` /
+  ``polycos_clamp_round_rows`` (:func:`pairwise_product`'s clamp and rounding
+  to float32 in one pass, on each float64 block of the product, NumPy and the
+  torch ``pairwise_forward`` operator; bitwise, ``tests/test_kernels_cpu.py``,
   ``tests/test_torch.py``).
 * ``polycos/_backends/torch.py``: the ``pairwise_backward`` operator for 2-D
   tensors (:func:`pairwise_vjp` with ``polycos_normalize_vjp``, against the

@@ -525,6 +525,15 @@ def test_clamp_round_is_the_core_clamp_then_one_rounding(p: np.ndarray) -> None:
         want = np.clip(p, -1.0, 1.0).astype(np.float32)
     assert same_bits(out[:-1], want)
     assert out[-1] == 7.0
+    # a block of rows into a wider matrix (clamp_round_rows_ptr): that block written, nothing else
+    rows, cols = 3, max(1, p.size // 3)
+    block = np.ascontiguousarray(p[: rows * cols].reshape(rows, cols))
+    big = np.full((rows + 1, cols + 5), 7.0, np.float32)
+    K.clamp_round_rows_ptr(block.ctypes.data, rows, cols, big[:, 2:].ctypes.data, big.shape[1])
+    assert same_bits(big[:rows, 2 : 2 + cols], want[: rows * cols].reshape(rows, cols))
+    rest = big.copy()
+    rest[:rows, 2 : 2 + cols] = 7.0
+    assert np.all(rest == 7.0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -533,14 +542,15 @@ def test_clamp_round_is_the_core_clamp_then_one_rounding(p: np.ndarray) -> None:
 def test_numpy_pairwise_lean_path_matches_general_path(dtype: str, self_similarity: bool, n: int) -> None:
     """The NumPy backend's lean 2-D path: the general path's forward bits, its gradients to rounding;
     from the forward's residuals (``keep``), the gradients of the path that normalises again, bitwise.
-    At n = 800 a float32 product is formed in float64 tiles of rows (two), with or without x2."""
+    At n = 800 a float32 product is formed in float64 blocks (of rows; of columns too with x2)."""
     from polycos._backends import numpy as nb
 
     x1 = np.tile(_pairwise_rows(dtype), (n // 40 + 1, 1))[:n]
-    x2 = None if self_similarity else np.tile(_pairwise_rows(dtype, 23)[::-1], (1 + n // 23, 1))[: max(23, n + 200)]
+    x2 = None if self_similarity else np.tile(_pairwise_rows(dtype, 23)[::-1], (1 + (n + 300) // 23, 1))[: max(23, n + 300)]
     m = n if x2 is None else x2.shape[0]
-    if n == 800 and dtype == "float32":
-        assert K.tile_rows(n, m) < n  # the tiles are really used
+    if n == 800 and dtype == "float32":  # the blocks are really used: rows, and columns (m = 1100) with x2
+        assert K.product_blocks(n, m)[0] < n
+        assert x2 is None or K.product_blocks(n, m)[1] < m
     g = np.random.default_rng(33).standard_normal((n, m)).astype(dtype)
     for eps in (0.0, 1e-8):
         with np.errstate(all="ignore"):

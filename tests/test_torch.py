@@ -552,15 +552,16 @@ def test_pairwise_tile_cache_survives_inference_mode() -> None:
 
 @pytest.mark.parametrize("self_similarity", [False, True])
 def test_pairwise_forward_operator_tiles_are_the_core_product(self_similarity: bool) -> None:
-    """A float32 matrix formed in float64 tiles of rows (``_clamped_product``) has the bits of
-    ``_core.pairwise_forward``'s single product; NaN, zero and huge rows included, the last tile short."""
+    """A float32 matrix formed in float64 blocks (``_clamped_product``) has the bits of
+    ``_core.pairwise_forward``'s single product; NaN, zero and huge rows included, the last blocks short."""
     from polycos import _core
 
     n, m = 900, 1100
     from polycos import _kernels
 
-    rows = _kernels.tile_rows(n, n if self_similarity else m)
-    assert rows < n  # more than one tile
+    rows, cols = _kernels.product_blocks(n, n if self_similarity else m)
+    assert rows < n  # blocks of rows,
+    assert self_similarity or cols < m  # and of columns too
     x1 = torch.randn(n, 24, generator=_gen(21))
     x2 = torch.randn(m, 24, generator=_gen(22))
     x1[0], x1[1], x1[n - 1] = 0.0, 3e38, math.nan

@@ -285,9 +285,10 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
 
     The same operations as the general path (the kernel's normalisation, the
     float64 product, the clamp, one rounding to float32), so the same bits. A
-    float32 result is formed in tiles of rows: each float64 tile stays in this
-    thread's scratch memory and is clamped and rounded into the result in one
-    pass (no float64 copy of the whole matrix, no page faults for it). With
+    float32 result is formed in blocks (:func:`polycos._kernels.product_blocks`):
+    each float64 block stays in this thread's scratch memory and is clamped and
+    rounded into the result in one pass (no float64 copy of the whole matrix,
+    no page faults for it). With
     ``keep``, returns ``(S, (xhat, stats))``: the normalised rows (float64) and
     their statistics, which :func:`_vjp_2d` reuses.
     """
@@ -295,15 +296,15 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
     m = n if x2 is None else x2.shape[0]
     f32 = x1.dtype == _F32
     rows = n if x2 is None else n + m
-    # a float32 product in tiles of `tile` rows; a small one (the C library's
+    # a float32 product in blocks of (bn, bm); a small one (the C library's
     # pool serves it at no cost) in one block outside the scratch memory
     tiled = f32 and 8 * n * m >= SCRATCH_MIN_BYTES
-    tile = k.tile_rows(n, m) if tiled else n
+    bn, bm = k.product_blocks(n, m) if tiled else (n, m)
     # scratch: the normalised rows (not when kept), their transposed copy for
-    # self-similarity, the float64 tile
+    # self-similarity, the float64 block
     specs = ([] if keep else [((rows, d), _F64)]) + ([((d, n), _F64)] if x2 is None else [])
     if tiled:
-        specs.append(((tile, m), _F64))
+        specs.append(((bn * bm,), _F64))
     tmp = _scratch(*specs) if specs else []
     if tmp is None:  # small, or too large together: then the tile alone in scratch memory
         in_scratch = _scratch(specs[-1]) if tiled else None
@@ -328,10 +329,13 @@ def _forward_2d(k: Any, x1: Any, x2: Any | None, eps: float, keep: bool = False)
     else:
         s, block = np.empty((n, m), _F32), tmp.pop(0)
         at, bt = k.address(s), k.address(block)
-        for lo in range(0, n, tile):  # each tile clamped and rounded into the result in one pass, in cache
-            hi = min(n, lo + tile)
-            np.matmul(h1[lo:hi], h2t, out=block[: hi - lo])
-            k.clamp_round_ptr(bt, (hi - lo) * m, at + 4 * lo * m)
+        for lo in range(0, n, bn):  # each block clamped and rounded into the result in one pass, in cache
+            hi = min(n, lo + bn)
+            a = h1[lo:hi]
+            for c0 in range(0, m, bm):
+                c1 = min(m, c0 + bm)
+                np.matmul(a, h2t[:, c0:c1], out=block[: (hi - lo) * (c1 - c0)].reshape(hi - lo, c1 - c0))
+                k.clamp_round_rows_ptr(bt, hi - lo, c1 - c0, at + 4 * (lo * m + c0), m)
     return (s, (xh, st)) if keep else s
 
 

@@ -202,6 +202,11 @@ class _CpuKernels:
         """``out = float32(clip(p, -1, 1))`` for C-contiguous float64 ``p`` and float32 ``out`` of one size."""
         self.k.clamp_round_ptr(p.data_ptr(), p.numel(), out.data_ptr())
 
+    def clamp_round_rows(self, p: torch.Tensor, out: torch.Tensor) -> None:
+        """:meth:`clamp_round` of a C-contiguous ``(R, C)`` block into ``out``, a ``(R, C)`` view with unit column stride."""
+        rows, cols = p.shape
+        self.k.clamp_round_rows_ptr(p.data_ptr(), rows, cols, out.data_ptr(), out.stride(0))
+
     def normalize_rows(self, x: torch.Tensor, eps: float, xhat: torch.Tensor, stats: torch.Tensor) -> None:
         """``stats`` is ``(3, rows...)`` C-contiguous: ``cs``, ``ns``, ``m``."""
         k = self.k
@@ -461,7 +466,7 @@ def pairwise_backward(
     return out[0], (g.new_empty((0,)) if h2 is None else out[1])
 
 
-#: The float64 tile a thread keeps for float32 products (``polycos._kernels.tile_rows``).
+#: The float64 block a thread keeps for float32 products (``polycos._kernels.product_blocks``).
 _TILE = threading.local()
 
 
@@ -469,29 +474,31 @@ def _clamped_product(native: Any, h1: torch.Tensor, h2t: torch.Tensor, dtype: to
     """``clamp(h1 @ h2t, -1, 1)`` rounded to ``dtype``: the kernel path's product (2-D).
 
     A float32 result of float64 rows (float32 inputs) is formed on the CPU in
-    tiles of rows, each clamped and rounded into the result by the kernel in one
-    pass while in cache: no float64 ``N x M`` matrix, whose fresh pages cost as
-    much as the rounding. (Elsewhere rounding first and then clamping gives the
-    same values: rounding is monotone and keeps +-1.)
+    blocks (``polycos._kernels.product_blocks``), each clamped and rounded into
+    the result by the kernel in one pass while in cache: no float64 ``N x M``
+    matrix, whose fresh pages cost as much as the rounding. (Elsewhere rounding
+    first and then clamping gives the same values: rounding is monotone and
+    keeps +-1.)
     """
     if not (isinstance(native, _CpuKernels) and h1.dtype == torch.float64 and dtype == torch.float32):
         return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
     n, m = h1.shape[0], h2t.shape[1]
-    rows, cap = native.k.tile_rows(n, m), native.k.PRODUCT_TILE_BYTES
+    (bn, bm), cap = native.k.product_blocks(n, m), native.k.PRODUCT_TILE_BYTES
     out = torch.empty((n, m), dtype=dtype)
-    if rows >= n:  # one tile: a fresh small block costs less than the cached one's bookkeeping
+    if bn >= n and bm >= m:  # one block: a fresh small one costs less than the cached one's bookkeeping
         native.clamp_round(torch.matmul(h1, h2t), out)
         return out
     tile = getattr(_TILE, "buf", None)
-    if 8 * rows * m > cap:  # a very wide matrix (the fewest rows > 4 MiB): a tile not kept
-        tile = torch.empty(rows * m, dtype=torch.float64)
-    elif tile is None or tile.numel() < rows * m:
+    if tile is None:  # (a block is at most `cap` bytes)
         with torch.inference_mode(False):  # a normal tensor: later calls outside inference mode write it
             tile = _TILE.buf = torch.empty(cap // 8, dtype=torch.float64)
-    for lo in range(0, n, rows):  # each tile clamped and rounded into the result in one pass, in cache
-        hi = min(n, lo + rows)
-        block = torch.matmul(h1[lo:hi], h2t, out=tile[: (hi - lo) * m].view(hi - lo, m))
-        native.clamp_round(block, out[lo:hi])
+    for lo in range(0, n, bn):  # each block clamped and rounded into the result in one pass, in cache
+        hi = min(n, lo + bn)
+        a = h1[lo:hi]
+        for c0 in range(0, m, bm):
+            c1 = min(m, c0 + bm)
+            block = torch.matmul(a, h2t[:, c0:c1], out=tile[: (hi - lo) * (c1 - c0)].view(hi - lo, c1 - c0))
+            native.clamp_round_rows(block, out[lo:hi, c0:c1])
     return out
 
 

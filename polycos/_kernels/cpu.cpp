@@ -810,19 +810,29 @@ POLYCOS_API int polycos_normalize_vjp(int dtype, int acc, int64_t rows, int64_t 
                                       (st && rescaled) ? st + 2 * rows * asz : nullptr, eps, d, nthreads);
 }
 
-// The clamp and rounding of _core.pairwise_product for a float32 result: out[i]
-// = float(clip(p[i], -1, 1)) for n float64 values (NaN stays NaN; the pairwise
-// paths call it on each float64 tile of rows of the product, in cache).
-POLYCOS_API int polycos_clamp_round(const void* p, int64_t n, void* out) {
-    if (n < 0) return polycos_cpu::kBadShape;
-    if (n > 0 && (!p || !out)) return polycos_cpu::kBadArgument;
-    const double* src = static_cast<const double*>(p);
-    float* dst = static_cast<float*>(out);
-    for (int64_t i = 0; i < n; ++i) {
-        const double v = src[i];
-        dst[i] = static_cast<float>(v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v));
+// The clamp and rounding of _core.pairwise_product for a float32 result:
+// out[r * out_stride + i] = float(clip(p[r * cols + i], -1, 1)) for `rows` rows
+// of `cols` C-contiguous float64 values (NaN stays NaN): the pairwise paths call
+// it on each float64 block of the product, in cache, writing that block of the
+// float32 result (rows out_stride elements apart).
+POLYCOS_API int polycos_clamp_round_rows(const void* p, int64_t rows, int64_t cols, void* out,
+                                         int64_t out_stride) {
+    if (rows < 0 || cols < 0 || (rows > 1 && out_stride < cols)) return polycos_cpu::kBadShape;
+    if (rows > 0 && cols > 0 && (!p || !out)) return polycos_cpu::kBadArgument;
+    for (int64_t r = 0; r < rows; ++r) {
+        const double* src = static_cast<const double*>(p) + r * cols;
+        float* dst = static_cast<float*>(out) + r * out_stride;
+        for (int64_t i = 0; i < cols; ++i) {
+            const double v = src[i];
+            dst[i] = static_cast<float>(v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v));
+        }
     }
     return 0;
+}
+
+// polycos_clamp_round_rows on n contiguous values.
+POLYCOS_API int polycos_clamp_round(const void* p, int64_t n, void* out) {
+    return polycos_clamp_round_rows(p, 1, n, out, n);
 }
 
 POLYCOS_API const char* polycos_status_message(int code) {
