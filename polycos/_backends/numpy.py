@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from polycos import _core
+from polycos import _core, _outer
 from polycos._backends._base import Backend, dtype_name
 
 if TYPE_CHECKING:
@@ -225,6 +225,8 @@ def _normalize() -> Any:
 
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+# ndarray.reshape is np.reshape without its Python wrapper (0.3 against 1.0 us, six per outer product)
+_outer.register_reshape_method(np.ndarray)
 #: Scratch memory a thread keeps for the lean pairwise path's temporaries (the
 #: normalised rows, the float64 product of float32 inputs), at most this many
 #: bytes. Allocating and freeing such blocks call after call makes the C library

@@ -683,12 +683,12 @@ class _Pairwise(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:  # type: ignore[override]
         x1, x2, h1, st1, h2, st2 = ctx.saved_tensors
         shapes = ctx.shapes
-        if shapes is not None:  # the outer-product route: the matrices' gradients, reshaped back
+        if shapes is None:
+            d1, d2 = _Pairwise._matrix_backward(ctx, g, x1, x2, h1, st1, h2, st2)
+        else:  # the outer-product route: the matrices' gradients, reshaped back
             d1, d2 = _Pairwise._matrix_backward(ctx, g.reshape(shapes[3]), x1.reshape(shapes[0]),
                                                 x2.reshape(shapes[1]), h1, st1, h2, st2)
-            need1, need2 = ctx.needs_input_grad[:2]
-            return (d1.reshape(x1.shape) if need1 else None), (d2.reshape(x2.shape) if need2 else None), None, None
-        d1, d2 = _Pairwise._matrix_backward(ctx, g, x1, x2, h1, st1, h2, st2)
+            d1, d2 = d1.reshape(x1.shape), d2.reshape(x2.shape)
         need1, need2 = ctx.needs_input_grad[:2]
         return (d1 if need1 else None), (d2 if need2 else None), None, None
 
