@@ -907,6 +907,8 @@ def _align_last(xp: Any, x1: Array, x2: Array) -> tuple[Array, Array]:
 Product = Callable[[Array, Array, Any], Array]
 #: ``normalize(x, eps) -> RowNorms``: a faster :func:`normalize_rows`.
 Normalize = Callable[[Array, float], RowNorms]
+#: ``tmatmul(a, b) -> matrix_transpose(a) @ b``: a faster transposed product.
+TransposedProduct = Callable[[Array, Array], Array]
 
 
 def pairwise_product(xp: Any, h1: Array, h2: Array | None, dtype: Any) -> Array:
@@ -1027,6 +1029,7 @@ def pairwise_vjp(
     residuals: tuple[RowNorms, RowNorms | None] | None = None,
     *,
     native_normalize: Normalize | None = None,
+    native_tmatmul: TransposedProduct | None = None,
 ) -> tuple[Array, Array | None]:
     r"""Gradients of ``sum(g * S)`` for ``S = pairwise_forward(x1, x2)``, by matrix products.
 
@@ -1056,18 +1059,19 @@ def pairwise_vjp(
         normalize = native_normalize or (lambda x, e: normalize_rows(xp, x, e))
         residuals = (normalize(x1, eps), None if x2 is None else normalize(x2, eps))
     r1, r2 = residuals
+    tmatmul = native_tmatmul or (lambda a, b: xp.matmul(xp.matrix_transpose(a), b))
     work = product_dtype(xp, x1.dtype)
     h1 = xp.astype(r1.xhat, work, copy=False)
     gw = xp.astype(g, work, copy=False)
     if r2 is None:
         # Two products rather than (G + G^T) h1: adding a transposed N x M matrix
         # is cache-hostile and costs about as much as a product.
-        v = xp.matmul(gw, h1) + xp.matmul(xp.matrix_transpose(gw), h1)
+        v = xp.matmul(gw, h1) + tmatmul(gw, h1)
         d1 = row_normalize_vjp(xp, r1, sum_to_shape(xp, v, tuple(h1.shape)), eps, h1)
         return xp.astype(sum_to_shape(xp, d1, shape1), x1.dtype, copy=False), None
     h2 = xp.astype(r2.xhat, work, copy=False)
     v1 = sum_to_shape(xp, xp.matmul(gw, h2), tuple(h1.shape))
-    v2 = sum_to_shape(xp, xp.matmul(xp.matrix_transpose(gw), h1), tuple(h2.shape))
+    v2 = sum_to_shape(xp, tmatmul(gw, h1), tuple(h2.shape))
     d1 = row_normalize_vjp(xp, r1, v1, eps, h1)
     d2 = row_normalize_vjp(xp, r2, v2, eps, h2)
     return (

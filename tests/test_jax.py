@@ -524,3 +524,57 @@ def test_pairwise_check_grads_second_order() -> None:
         y = jnp.asarray(rng.standard_normal((2, 3)))
         check_grads(lambda a: polycos.pairwise_cosine_similarity(a), (z,), order=2, modes=["rev"])
         check_grads(lambda a, b: pj.cosine_similarity(a[None], b[:, None], dim=2), (z, y), order=2, modes=["rev"])
+
+
+def test_large_float32_product_in_blocks_of_rows_is_the_core_matrix() -> None:
+    """A float32 product above 4 MiB of float64 runs as a loop over blocks of rows (one full block and a
+    remainder here): each entry the core's float64 dot product rounded once, within 1 ulp(1.0) of exact."""
+    from polycos import _core
+    from polycos._kernels import product_blocks
+
+    n, m, d = 600, 1100, 8
+    rows = product_blocks(n, m)[0]
+    assert rows < n, (n, m, rows)
+    assert n % rows, (n, m, rows)
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((n, d))
+    y = np.concatenate([x[:300] + 1e-4 * rng.standard_normal((300, d)), rng.standard_normal((m - 300, d))])
+    a, b = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    value = jax.jit(polycos.pairwise_cosine_similarity)
+    assert "while" in value.lower(a, b).as_text()  # the blocked route is the one compiled
+    s = np.asarray(value(a, b))
+    with jax.enable_x64(True):
+        whole = _core.pairwise_forward(backend.xp, a, b, 1e-8, native_normalize=backend._normalize)[0]
+    np.testing.assert_array_equal(s, np.asarray(whole))
+    assert_matches_reference(s, np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None], -1)
+    s_self = np.asarray(value(a))
+    assert_matches_reference(s_self, np.asarray(a, np.float64)[:, None], np.asarray(a, np.float64)[None], -1)
+
+
+@pytest.mark.parametrize(("shape_a", "shape_b"), [((7, 5), (7, 3)), ((2, 7, 5), (7, 3)), ((2, 7, 5), (2, 7, 3))])
+def test_transposed_product_is_the_plain_one(shape_a: tuple, shape_b: tuple) -> None:
+    """``_tmatmul(a, b)`` is ``a^T b`` (the backward's ``G^T X``), also under jit, grad and vmap."""
+    rng = np.random.default_rng(5)
+    a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (shape_a, shape_b))
+    want = jnp.matmul(jnp.swapaxes(a, -1, -2), b)
+    np.testing.assert_allclose(jax.jit(backend._tmatmul)(a, b), want, rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda u, v: jnp.sum(backend._tmatmul(u, v) ** 2), argnums=(0, 1))(a, b)
+    plain = jax.grad(lambda u, v: jnp.sum(jnp.matmul(jnp.swapaxes(u, -1, -2), v) ** 2), argnums=(0, 1))(a, b)
+    for got, exp in zip(grads, plain, strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)
+    batched = jax.vmap(backend._tmatmul, in_axes=(None, 0))(a, jnp.stack([b, 2 * b]))
+    np.testing.assert_allclose(batched[1], 2 * want, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_pairwise_gradients_match_numpy() -> None:
+    """Reverse mode through the blocked forward and the transposed backward product: NumPy's gradients."""
+    rng = np.random.default_rng(8)
+    x, y = rng.standard_normal((600, 8)), rng.standard_normal((1100, 8))
+    g = rng.standard_normal((600, 1100))
+    a, b, ga = (jnp.asarray(v, jnp.float32) for v in (x, y, g))
+    d1, d2 = jax.jit(jax.grad(lambda u, v: jnp.sum(polycos.pairwise_cosine_similarity(u, v) * ga),
+                              argnums=(0, 1)))(a, b)
+    _, vjp = polycos.pairwise_cosine_similarity_with_vjp(np.asarray(a), np.asarray(b))
+    e1, e2 = vjp(np.asarray(ga))
+    np.testing.assert_allclose(np.asarray(d1), e1, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(d2), e2, rtol=2e-4, atol=2e-4)
