@@ -32,12 +32,13 @@ class Call:
     axis: int
     eps: float
     outer: Any  #: :class:`polycos._outer.OuterPlan` or ``None``
-    #: The result's shape: the broadcast shape without ``axis`` (computed once:
-    #: the forward and the VJP both read it)
-    out_shape: tuple = field(init=False, repr=False, compare=False)
+    #: The result's shape: the broadcast shape without ``axis`` (computed once,
+    #: here unless given: the forward and the VJP both read it)
+    out_shape: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "out_shape", tuple(d for i, d in enumerate(self.shape) if i != self.axis))
+        if self.out_shape is None:
+            object.__setattr__(self, "out_shape", tuple(d for i, d in enumerate(self.shape) if i != self.axis))
 
     @property
     def dtype(self) -> Any:

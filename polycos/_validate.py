@@ -219,7 +219,9 @@ def validate(x1: Any, x2: Any, dim: Any, eps: Any, *, axis: Any = None) -> Call:
     if p1 is given1 and p2 is given2 and type(dim) is int and _plain_entry(p1, p2) is not None:
         if len(_ROWWISE_PLANS) >= _ROWWISE_PLANS_MAX:
             _ROWWISE_PLANS.clear()
-        _ROWWISE_PLANS[(tuple(p1.shape), tuple(p2.shape), dim)] = (shape, ax, outer)
+        call = Call(backend, xp, p1, p2, shape, ax, eps, outer)
+        _ROWWISE_PLANS[(tuple(p1.shape), tuple(p2.shape), dim)] = (shape, ax, outer, call.out_shape)
+        return call
     return Call(backend, xp, p1, p2, shape, ax, eps, outer)
 
 
@@ -291,7 +293,7 @@ def _plain_rowwise(x1: Any, x2: Any, dim: Any, eps: Any, axis: Any) -> Call | No
     known = _ROWWISE_PLANS.get((tuple(x1.shape), tuple(x2.shape), dim))
     if known is None:
         return None
-    return Call(entry[1], entry[2], x1, x2, known[0], known[1], eps + 0.0, known[2])
+    return Call(entry[1], entry[2], x1, x2, known[0], known[1], eps + 0.0, known[2], known[3])
 
 
 def _plain_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall | None:

@@ -75,10 +75,13 @@ def test_numpy_rowwise_shapes_are_validated_once_and_errors_still_raise(monkeypa
     z1, z2 = r.standard_normal((5, 1, 3)).astype(np.float32), r.standard_normal((1, 4, 3)).astype(np.float32)
     first = _validate.validate(z1, z2, 2, 1e-8)
     counts = _count(monkeypatch)
-    _validate._ROWWISE_PLANS.update({((5, 1, 3), (1, 4, 3), 2): (first.shape, first.axis, first.outer)})
+    _validate._ROWWISE_PLANS.update(
+        {((5, 1, 3), (1, 4, 3), 2): (first.shape, first.axis, first.outer, first.out_shape)}
+    )
     again = _validate.validate(z1.copy(), z2.copy(), 2, 1e-8)
     assert counts == {"validate": 1, "plan": 0}
     assert (again.shape, again.axis, again.outer, again.eps) == (first.shape, first.axis, first.outer, first.eps)
+    assert again.out_shape == first.out_shape == (5, 4)
     assert polycos.cosine_similarity(z1, z2, 2).tobytes() == polycos.cosine_similarity(z1, z2, 2).tobytes()
     with pytest.raises(ValueError, match="eps"):
         polycos.cosine_similarity(z1, z2, 2, eps=-1.0)
