@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -480,3 +481,22 @@ def test_targets_met_and_missed() -> None:
     missed = {r["label"] for r in gate(list(rows.values()))}
     assert missed == {"torch eager forward", "NumPy D = 16 forward",
                       "torch fwd+bwd vs torch.compile(F.cosine_similarity)", "torch pairwise fwd+bwd"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("resource") is None, reason="no getrusage here")
+def test_interleaved_counts_page_faults_per_call() -> None:
+    """Each round records the minor page faults per call: a call that first-touches new memory
+    has some, one that touches nothing has none (what the records' ``page_faults`` reports)."""
+    import mmap
+
+    from polycos.bench._timing import cpu_timer, interleaved
+
+    def touch() -> None:
+        with mmap.mmap(-1, 1 << 22) as m:  # new anonymous memory: every page faults on first write
+            for at in range(0, 1 << 22, mmap.PAGESIZE):
+                m[at] = 1
+
+    out = interleaved(cpu_timer(None), {"touch": touch, "none": lambda: None}, {"touch": 2, "none": 50}, 3)
+    assert len(out["touch"].faults) == len(out["none"].faults) == 3
+    assert min(out["touch"].faults) >= 1
+    assert statistics.median(out["none"].faults) < 1

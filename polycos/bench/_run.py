@@ -353,6 +353,8 @@ def measure_case(
             "x_floor": median_ratio(tm.samples, floor),
             "speedup": {},
         }
+        if tm.faults:  # what first-touching new memory cost in calls (see docs/benchmarks.md)
+            rec["page_faults"] = _median(tm.faults)
         if c.kind == "polycos":
             rec["speedup"] = {
                 p: median_ratio(ptm.samples, tm.samples)

@@ -64,6 +64,7 @@ RECORD: dict[str, Any] = {
         "gbps": _POS_OR_NULL,
         "x_floor": _NUM_OR_NULL,
         "speedup": {"type": "object", "additionalProperties": _NUM_OR_NULL},
+        "page_faults": {"type": "number", "minimum": 0},
         "floor_parts": {
             "type": "object",
             "required": ["read", "write"],

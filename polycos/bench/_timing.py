@@ -94,6 +94,8 @@ class Timing:
     name: str
     number: int
     samples: list[float | None] = field(default_factory=list)
+    #: minor page faults per call in each round it ran (``getrusage``; empty where unavailable)
+    faults: list[float] = field(default_factory=list)
 
     @property
     def times(self) -> list[float]:
@@ -151,8 +153,21 @@ def interleaved(
             if first.get(name, 0.0) > slow and r >= min_rounds_slow:
                 out[name].samples.append(None)
                 continue
+            f0 = _minor_faults()
             out[name].samples.append(timers[name](fns[name], numbers[name]))
+            f1 = _minor_faults()
+            if f0 is not None and f1 is not None:
+                out[name].faults.append((f1 - f0) / numbers[name])
     return out
+
+
+def _minor_faults() -> int | None:
+    """This process's minor page faults so far (first touches of new memory); ``None`` without ``resource``."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def floor_samples(
