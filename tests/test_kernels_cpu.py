@@ -662,6 +662,16 @@ def test_half_conversions_across_isa_clones(dtype: str) -> None:
     x1 = bits.view(np_dtype(dtype)).reshape(-1, 16)
     x2 = np.roll(bits, 1).view(np_dtype(dtype)).reshape(-1, 16)
     g = np.linspace(-3, 3, x1.shape[0]).astype(np_dtype(dtype))
+    # (narrowing of every value: xhat-like outputs written back in T via the gradient of
+    # rows (x, 1) against (1, 0): d1 = g * (e1 - s x / |x|) / |x| spans the range)
+    base, fast = _outputs_per_isa(x1, x2, g, 0.0)
+    for a, b in zip(base, fast, strict=True):
+        assert same_values(a, b)
+
+
+def _outputs_per_isa(x1: np.ndarray, x2: np.ndarray, g: np.ndarray, norm_eps: float) -> list[list[np.ndarray]]:
+    """Forward, residuals, both gradients and the row normalisation of ``x1``, by the baseline
+    and then the AVX2 clone (rows along axis 1, eps 1e-8; ``norm_eps`` for the normalisation)."""
     outs = []
     prev = K.set_isa("baseline")
     try:
@@ -670,14 +680,11 @@ def test_half_conversions_across_isa_clones(dtype: str) -> None:
             with np.errstate(all="ignore"):
                 out, res = K.forward(x1, x2, 1, 1e-8)
                 d = K.backward(g, x1, x2, 1, 1e-8, res)
-                # narrowing of every value: xhat-like outputs written back in T via the gradient of
-                # rows (x, 1) against (1, 0): d1 = g * (e1 - s x / |x|) / |x| spans the range
-                n = K.normalize_rows(x1, 0.0)
+                n = K.normalize_rows(x1, norm_eps)
             outs.append([out, res, *d, *n])
     finally:
         K.set_isa(prev)
-    for a, b in zip(*outs, strict=True):
-        assert same_values(a, b)
+    return outs
 
 
 def test_concurrent_calls() -> None:
@@ -981,17 +988,6 @@ def test_fused_exact_products_are_the_separate_ones(dtype: str, d: int, seed: in
 
     x1, x2 = draw(), draw()
     g = rng.standard_normal(n).astype(np_dtype(dtype))
-    outs = []
-    prev = K.set_isa("baseline")
-    try:
-        for isa in ("baseline", "avx2"):
-            K.set_isa(isa)
-            with np.errstate(all="ignore"):
-                out, res = K.forward(x1, x2, 1, 1e-8)
-                d1, d2 = K.backward(g, x1, x2, 1, 1e-8, res)
-                nrm = K.normalize_rows(x1, 1e-8)
-            outs.append([out, res, d1, d2, *nrm])
-    finally:
-        K.set_isa(prev)
-    for a, b in zip(*outs, strict=True):
+    base, fast = _outputs_per_isa(x1, x2, g, 1e-8)
+    for a, b in zip(base, fast, strict=True):
         assert same_bits(a, b)
