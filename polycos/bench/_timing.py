@@ -19,6 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+try:  # POSIX: page-fault counts in the records
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
 __all__ = [
     "Timer",
     "Timing",
@@ -163,9 +168,7 @@ def interleaved(
 
 def _minor_faults() -> int | None:
     """This process's minor page faults so far (first touches of new memory); ``None`` without ``resource``."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
+    if resource is None:  # pragma: no cover - Windows
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
