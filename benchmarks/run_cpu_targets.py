@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-pairwise", action="store_true", help="skip the pairwise workloads")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    parser.add_argument(
+        "--allocator", choices=("system", "reuse"), default="system",
+        help="the C allocator in the measuring processes (see polycos bench --help)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", type=_output(".json"), metavar="PATH")
     parser.add_argument("--plot", type=_output(".png"), metavar="PATH")
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat,
         min_time=args.min_time,
         compile="none" if args.no_compile else "rowwise",
+        allocator=args.allocator,
         argv=["benchmarks/run_cpu_targets.py", *(argv if argv is not None else sys.argv[1:])],
     )
     console = Console(width=170)

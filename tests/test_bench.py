@@ -24,7 +24,9 @@ import pytest
 from polycos import _backends
 from polycos.bench import cli
 from polycos.bench._run import (
+    REUSE_TUNABLES,
     Config,
+    allocator_env,
     default_threads,
     plan,
     reference_threads,
@@ -62,7 +64,8 @@ def command_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
     backends = [b for b in ("numpy", "torch", "jax") if b in INSTALLED]
     proc = subprocess.run(
         [sys.executable, "-m", "polycos", "bench", "--backends", ",".join(backends),
-         "--threads", "1,all", "--ops", "forward,pairwise+backward", *TINY, "--json", str(out / "r.json"), "--plot", str(out / "r.png")],
+         "--threads", "1,all", "--ops", "forward,pairwise+backward", "--allocator", "reuse", *TINY,
+         "--json", str(out / "r.json"), "--plot", str(out / "r.png")],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,6 +85,10 @@ def test_json_matches_schema(command_run: tuple[dict[str, Any], str, Path]) -> N
     assert doc["schema"] == "polycos-bench/2"
     assert doc["config"]["rowwise"] == [[64, 8, "float32"]]
     assert doc["config"]["pairwise"] == [[8, 8, 4, "float32"]]
+    assert doc["config"]["allocator"] == "reuse"
+    for r in doc["runs"]:  # what the children ran with
+        assert {"glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={256 << 20}"} <= set(
+            r["env"]["GLIBC_TUNABLES"].split(":"))
     assert doc["errors"] == []
 
 
@@ -93,6 +100,7 @@ def test_schema_rejects_broken_documents(command_run: tuple[dict[str, Any], str,
         lambda d: d["results"][0].update(kind="mystery"),
         lambda d: d["results"][0].update(threads=0),
         lambda d: d["config"].update(repeat=0),
+        lambda d: d["config"].update(allocator="jemalloc"),
         lambda d: d.update(schema="polycos-bench/1"),
         lambda d: d["targets"][0].update(status="almost"),
     ):
@@ -309,6 +317,7 @@ def test_targets_in_the_document(command_run: tuple[dict[str, Any], str, Path]) 
         (["--threads", "0"], "--threads", "0"),
         (["--threads", "1,some"], "--threads", "some"),
         (["--min-time", "-1"], "--min-time", "-1"),
+        (["--allocator", "jemalloc"], "--allocator", "jemalloc"),
         (["--json", "/nonexistent-dir/x.json"], "--json", "/nonexistent-dir"),
         (["--plot", "plot.svg"], "--plot", "plot.svg"),
     ],
@@ -351,6 +360,7 @@ def test_default_threads_and_grid() -> None:
     rowwise, _ = cli.grid(args)
     assert rowwise == [(100, 4, "float32"), (100, 4, "float64")]
     args = cli.build_parser().parse_args(["bench"])
+    assert args.allocator == "system"  # the environment as users run it, unless asked
     rowwise, pairwise = cli.grid(args)
     assert (*REFERENCE_SHAPE, "float32") in rowwise
     assert (524288, 16, "float32") in rowwise
@@ -378,6 +388,51 @@ def test_thread_environment() -> None:
     env = thread_env("all", {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "POLYCOS_NUM_THREADS": "1"})
     assert env["POLYCOS_NUM_THREADS"] == str(usable_cpus())
     assert "XLA_FLAGS" not in env
+
+
+def test_allocator_environment() -> None:
+    reuse = allocator_env("reuse", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0:glibc.malloc.tcache_count=0"})
+    tunables = reuse["GLIBC_TUNABLES"].split(":")
+    assert "glibc.malloc.trim_threshold=0" in tunables  # what the user set is kept
+    assert "glibc.malloc.tcache_count=0" in tunables
+    assert f"glibc.malloc.mmap_threshold={256 << 20}" in tunables
+    assert sum(t.startswith("glibc.malloc.trim_threshold=") for t in tunables) == 1
+    assert allocator_env("reuse", {})["GLIBC_TUNABLES"] == ":".join(f"{k}={v}" for k, v in REUSE_TUNABLES)
+    assert allocator_env("system", {"GLIBC_TUNABLES": "x=1", "A": "b"}) == {"GLIBC_TUNABLES": "x=1", "A": "b"}
+    with pytest.raises(ValueError, match=r"allocator must be one of .*'jemalloc'"):
+        allocator_env("jemalloc", {})
+
+
+_WORKER_FAULTS = """
+import resource, threading, numpy as np
+faults = []
+def work():
+    for _ in range(6):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        np.empty(48 << 20, np.uint8).fill(1)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+t = threading.Thread(target=work)
+t.start(); t.join()
+print(min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="GLIBC_TUNABLES is glibc's")
+def test_reuse_allocator_gives_a_worker_thread_its_freed_blocks_back() -> None:
+    """What ``--allocator reuse`` is for: a 48 MiB array allocated and freed again and again on a
+    thread other than the main one (as XLA allocates its outputs; above glibc's largest dynamic map
+    threshold, and more than half a thread heap) is mapped afresh and first-touched every time under
+    glibc's defaults, and reused, without a single page fault, under the tunables."""
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    faults = {}
+    for mode in ("system", "reuse"):
+        proc = subprocess.run([sys.executable, "-c", _WORKER_FAULTS], capture_output=True, text=True,
+                              timeout=60, env=allocator_env(mode, base))
+        assert proc.returncode == 0, proc.stderr
+        faults[mode] = int(proc.stdout.split()[-1])
+    assert faults["system"] >= 24, faults  # 48 MiB in 2 MiB huge pages at the least
+    assert faults["reuse"] <= 2, faults
 
 
 def test_a_failed_child_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -150,7 +150,7 @@ def print_report(doc: dict[str, Any], console: Any) -> None:
     load = f", load {m['loadavg'][0]:.2f}" if m.get("loadavg") else ""
     console.print(
         f"{m['processor']}, {m['usable_cpus']} usable CPUs{load} | GPUs: {', '.join(m['gpus']) or 'none'}"
-        f" | {doc['duration_s']:.1f} s",
+        f" | allocator: {doc['config'].get('allocator', 'system')} | {doc['duration_s']:.1f} s",
         highlight=False,
     )
     for err in doc.get("errors", []):
@@ -308,7 +308,8 @@ def write_plot(doc: dict[str, Any], path: str | Path) -> None:
             _lines(axes[row][col], results, op, setting, colour, doc)
     m = doc["machine"]
     fig.suptitle(
-        f"polycos bench — {m['processor']}, {m['usable_cpus']} usable CPUs, {doc['date']}; "
+        f"polycos bench — {m['processor']}, {m['usable_cpus']} usable CPUs, {doc['date']}, "
+        f"allocator: {doc['config'].get('allocator', 'system')}; "
         "bars: time / machine floor (lower is better); lines: time against N",
         fontsize=10,
     )

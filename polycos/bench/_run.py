@@ -63,6 +63,15 @@ PROGRESS = "@@polycos-bench-progress "
 #: Environment variables a thread count sets (read by the libraries when they load).
 THREAD_VARS = ("POLYCOS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 XLA_ONE_THREAD = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
+#: ``--allocator reuse``: glibc's malloc serves every thread from one heap and keeps
+#: freed blocks of up to 256 MiB there for the next request instead of mapping
+#: each one afresh (see :func:`allocator_env`).
+REUSE_TUNABLES = (
+    ("glibc.malloc.mmap_threshold", 256 << 20),
+    ("glibc.malloc.trim_threshold", 1 << 30),
+    ("glibc.malloc.arena_max", 1),
+)
+ALLOCATORS = ("system", "reuse")
 
 
 @dataclass
@@ -99,6 +108,9 @@ class Config:
     isolate : bool
         Run each thread count in a child process (``False``: in this process,
         for tests; XLA's threads then stay as they were).
+    allocator : str
+        The C allocator's setting in the child processes (:func:`allocator_env`):
+        ``"system"`` (the environment as it is) or ``"reuse"``.
     """
 
     backends: list[str]
@@ -113,6 +125,7 @@ class Config:
     slow: float = 1.0
     slow_rounds: int = 3
     isolate: bool = True
+    allocator: str = "system"
     argv: list[str] = field(default_factory=list)
 
 
@@ -177,6 +190,47 @@ def thread_env(setting: str, env: dict[str, str] | None = None) -> dict[str, str
     out["XLA_FLAGS"] = " ".join(flags)
     if not out["XLA_FLAGS"]:
         del out["XLA_FLAGS"]
+    return out
+
+
+def allocator_env(mode: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child whose C allocator runs in ``mode``.
+
+    ``"system"`` leaves the environment as it is. ``"reuse"`` makes glibc's
+    malloc serve every thread from one heap and keep freed blocks of up to
+    256 MiB there (``GLIBC_TUNABLES``: ``mmap_threshold``, ``trim_threshold``,
+    ``arena_max``; tunables the environment already sets are kept).
+
+    Under glibc's defaults, whether a new array of 32 MiB or more is memory
+    used before or fresh pages, each first-touched with a page fault, depends
+    on the allocation history and on the thread: glibc raises its map
+    threshold only up to 32 MiB, so such a block is mapped afresh unless a
+    free chunk of the heap fits it (NumPy's own freed blocks fit NumPy's next
+    request, not a 64-byte-aligned one of the same size), and a thread other
+    than the main one (where XLA allocates its outputs) has heaps of at most
+    64 MiB. In one run the floor's fill and NumPy reused their blocks (0
+    faults per call at 32768 x 256) while torch's gradients took 1056 and
+    XLA's 1567. ``"reuse"`` measures without these effects: every library,
+    the floor included, writes memory it has used before. Other C libraries
+    ignore ``GLIBC_TUNABLES``.
+
+    Examples
+    --------
+    >>> allocator_env("reuse", {})["GLIBC_TUNABLES"].split(":")
+    ['glibc.malloc.mmap_threshold=268435456', 'glibc.malloc.trim_threshold=1073741824', 'glibc.malloc.arena_max=1']
+    >>> allocator_env("reuse", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"})["GLIBC_TUNABLES"].split(":")
+    ['glibc.malloc.trim_threshold=0', 'glibc.malloc.mmap_threshold=268435456', 'glibc.malloc.arena_max=1']
+    >>> allocator_env("system", {"A": "1"})
+    {'A': '1'}
+    """
+    if mode not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {ALLOCATORS}, got {mode!r}")
+    out = dict(os.environ if env is None else env)
+    if mode == "reuse":
+        given = [t for t in out.get("GLIBC_TUNABLES", "").split(":") if t]
+        keys = {t.split("=", 1)[0] for t in given}
+        given += [f"{k}={v}" for k, v in REUSE_TUNABLES if k not in keys]
+        out["GLIBC_TUNABLES"] = ":".join(given)
     return out
 
 
@@ -419,7 +473,7 @@ def run_threads(
         "run": {
             **tag,
             "threads_by_library": libs,
-            "env": {k: os.environ.get(k) for k in (*THREAD_VARS, "XLA_FLAGS")},
+            "env": {k: os.environ.get(k) for k in (*THREAD_VARS, "XLA_FLAGS", "GLIBC_TUNABLES")},
             "isolated": config.isolate,
             "duration_s": time.perf_counter() - t0,
             "loadavg": [load0, _loadavg()],
@@ -479,7 +533,7 @@ def _run_child(
             json.dump({**asdict(config), "isolate": True}, f)
         proc = subprocess.Popen(
             [sys.executable, "-m", "polycos.bench._run", "--child", setting, cfg, out],
-            env=thread_env(setting),
+            env=allocator_env(config.allocator, thread_env(setting)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

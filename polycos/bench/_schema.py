@@ -196,6 +196,7 @@ SCHEMA: dict[str, Any] = {
                 "slow": _POS,
                 "slow_rounds": {"type": "integer", "minimum": 1},
                 "isolate": {"type": "boolean"},
+                "allocator": {"enum": ["system", "reuse"]},
             },
         },
         "reference_threads": _SETTING,

@@ -44,9 +44,10 @@ The machine floor streams exactly those bytes with the fastest plain operation
 of any installed library, at the case's thread count: reads by a full ``sum``
 of each array read, in the order above (``numpy.sum``, ``torch.sum``, ``jnp.sum``
 under ``jax.jit``), writes by filling a newly allocated array of each written
-shape (``ndarray.fill``, ``np.copyto``, ``torch.Tensor.fill_``). New memory,
-because every implementation must return new arrays, and the kernel's page
-faults on new memory cost about as much as writing it. Per round, the floor is
+shape (``ndarray.fill``, ``np.copyto``, ``torch.Tensor.fill_``): a new array,
+because every implementation must return new arrays. Whether it is reused
+memory or pages first-touched one fault at a time is the C allocator's choice
+(``--allocator``, :func:`polycos.bench._run.allocator_env`). Per round, the floor is
 the fastest reader plus the fastest writer of that round.
 """
 

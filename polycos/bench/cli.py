@@ -236,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", type=_output(".png"), metavar="PATH",
         help="write a PNG: x floor bars per backend and op, and time against size",
     )
+    bench.add_argument(
+        "--allocator", choices=("system", "reuse"), default="system",
+        help="the C allocator in the measuring processes: 'system' (default), the environment as "
+        "it is; 'reuse', glibc serves every thread from one heap and keeps freed blocks of up to "
+        "256 MiB for reuse (GLIBC_TUNABLES), so no library's new arrays first-touch fresh pages "
+        "where another's reuse memory",
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -298,6 +305,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str], prog: str = "pol
         compile="none" if args.no_compile else base["compile"],
         slow=base["slow"],
         slow_rounds=base["slow_rounds"],
+        allocator=args.allocator,
         argv=[prog, *argv],
     )
 
