@@ -205,12 +205,11 @@ def allocator_env(mode: str, env: dict[str, str] | None = None) -> dict[str, str
     used before or fresh pages, each first-touched with a page fault, depends
     on the allocation history and on the thread: glibc raises its map
     threshold only up to 32 MiB, so such a block is mapped afresh unless a
-    free chunk of the heap fits it (NumPy's own freed blocks fit NumPy's next
-    request, not a 64-byte-aligned one of the same size), and a thread other
-    than the main one (where XLA allocates its outputs) has heaps of at most
-    64 MiB. In one run the floor's fill and NumPy reused their blocks (0
-    faults per call at 32768 x 256) while torch's gradients took 1056 and
-    XLA's 1567. ``"reuse"`` measures without these effects: every library,
+    free chunk of the heap happens to fit it, and a thread other than the
+    main one (where XLA allocates its outputs) has heaps of at most 64 MiB.
+    In one run the floor's fill and NumPy reused their blocks (0 faults per
+    call at 32768 x 256) while torch's gradients took 396 and XLA's 1567.
+    ``"reuse"`` measures without these effects: every library,
     the floor included, writes memory it has used before. Other C libraries
     ignore ``GLIBC_TUNABLES``.
 
