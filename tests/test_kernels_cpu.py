@@ -991,3 +991,60 @@ def test_fused_exact_products_are_the_separate_ones(dtype: str, d: int, seed: in
     base, fast = _outputs_per_isa(x1, x2, g, 1e-8)
     for a, b in zip(base, fast, strict=True):
         assert same_bits(a, b)
+
+
+# --------------------------------------------------------------------------- huge-page advice
+
+
+def test_huge_page_advice_is_a_hint() -> None:
+    """``advise_huge_pages_ptr`` changes no data, accepts any span (below 4 MiB it does nothing),
+    and rejects a negative length naming the kernel's status."""
+    x = np.arange(3 << 20, dtype=np.float32)  # 12 MiB, written before the advice
+    before = x.copy()
+    K.advise_huge_pages_ptr(K.address(x), x.nbytes)
+    K.advise_huge_pages_ptr(K.address(x), 100)
+    K.advise_huge_pages_ptr(K.address(x), 0)
+    np.testing.assert_array_equal(x, before)
+    with pytest.raises(K.KernelError, match="shapes do not broadcast"):
+        K.advise_huge_pages_ptr(K.address(x), -1)
+
+
+_TORCH_PAIRWISE_FAULTS = """
+import resource, sys, torch, polycos
+from polycos._backends import torch as tb
+torch.set_num_threads(1)
+if sys.argv[1] == "off":
+    tb._CpuKernels.advise_huge_pages = lambda self, t: None
+a, b = torch.randn(2048, 64), torch.randn(4096, 64)
+polycos.pairwise_cosine_similarity(a, b)  # first call: the cached tile, the temporaries' heap
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+s = polycos.pairwise_cosine_similarity(a, b)  # a new 2048 x 4096 float32 result (32 MiB)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+def _thp_madvise() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[madvise]" in f.read()  # ("always" backs torch's memory with huge pages unasked)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_madvise(), reason="needs Linux transparent huge pages in madvise mode")
+def test_torch_pairwise_result_is_written_in_huge_pages() -> None:
+    """torch allocates the pairwise result in 4 KiB pages, which the blocked product then
+    first-touches one fault at a time (8192 per 32 MiB); advised before the first block, the
+    result takes a few dozen huge-page faults plus the 4 KiB pages at its unaligned ends."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    faults = {}
+    for mode in ("off", "on"):
+        proc = subprocess.run([sys.executable, "-c", _TORCH_PAIRWISE_FAULTS, mode], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        faults[mode] = int(proc.stdout.split()[-1])
+    assert faults["off"] >= 8192, faults
+    assert faults["on"] <= faults["off"] // 4, faults

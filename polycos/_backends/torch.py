@@ -202,6 +202,10 @@ class _CpuKernels:
         """``out = float32(clip(p, -1, 1))`` for C-contiguous float64 ``p`` and float32 ``out`` of one size."""
         self.k.clamp_round_ptr(p.data_ptr(), p.numel(), out.data_ptr())
 
+    def advise_huge_pages(self, t: torch.Tensor) -> None:
+        """Ask for huge pages on a new C-contiguous tensor's memory before it is first written."""
+        self.k.advise_huge_pages_ptr(t.data_ptr(), t.numel() * t.element_size())
+
     def clamp_round_rows(self, p: torch.Tensor, out: torch.Tensor) -> None:
         """:meth:`clamp_round` of a C-contiguous ``(R, C)`` block into ``out``, a ``(R, C)`` view with unit column stride."""
         rows, cols = p.shape
@@ -488,6 +492,7 @@ def _clamped_product(native: Any, h1: torch.Tensor, h2t: torch.Tensor, dtype: to
     if bn >= n and bm >= m:  # one block: a fresh small one costs less than the cached one's bookkeeping
         native.clamp_round(torch.matmul(h1, h2t), out)
         return out
+    native.advise_huge_pages(out)  # written a block at a time: 4 KiB pages would fault one by one
     tile = getattr(_TILE, "buf", None)
     if tile is None:  # (a block is at most `cap` bytes)
         with torch.inference_mode(False):  # a normal tensor: later calls outside inference mode write it

@@ -146,6 +146,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     ),
     "polycos_clamp_round": (_int, [_vp, ctypes.c_int64, _vp]),
     "polycos_clamp_round_rows": (_int, [_vp, ctypes.c_int64, ctypes.c_int64, _vp, ctypes.c_int64]),
+    "polycos_advise_huge_pages": (_int, [_vp, ctypes.c_int64]),
     "polycos_status_message": (ctypes.c_char_p, [_int]),
     "polycos_isa": (_int, []),
     "polycos_isa_available": (_int, [_int]),
@@ -159,7 +160,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     ),
     "polycos_test_row_offsets": (_int, [_int, _i64p, _int, _int, _i64p, ctypes.c_int64, _i64p]),
 }
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 
 
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
@@ -709,6 +710,12 @@ def clamp_round_ptr(p: int, n: int, out: int) -> None:
     a float32 result, in one pass (NaN kept).
     """
     _check(_lib().polycos_clamp_round(p, n, out))
+
+
+def advise_huge_pages_ptr(p: int, nbytes: int) -> None:
+    """Ask Linux for transparent huge pages on ``nbytes`` of new memory at address ``p``
+    before it is first written (4 MiB and more; a hint, no data changes; a no-op elsewhere)."""
+    _check(_lib().polycos_advise_huge_pages(p, nbytes))
 
 
 def clamp_round_rows_ptr(p: int, rows: int, cols: int, out: int, out_stride: int) -> None:

@@ -725,7 +725,7 @@ inline int normalize_vjp(int dtype, int acc, i64 rows, i64 n, const void* h, con
 
 using polycos_cpu::i64;
 
-POLYCOS_API int polycos_abi_version(void) { return 1; }
+POLYCOS_API int polycos_abi_version(void) { return 2; }
 
 // Cosine similarity along `axis` of x1 and x2 broadcast together.
 //   dtype, acc       storage and accumulation dtype codes (0 f16, 1 bf16, 2 f32, 3 f64)
@@ -833,6 +833,18 @@ POLYCOS_API int polycos_clamp_round_rows(const void* p, int64_t rows, int64_t co
             dst[i] = static_cast<float>(v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v));
         }
     }
+    return 0;
+}
+
+// Ask for transparent huge pages on nbytes of new memory at p before anything
+// writes it (advise_huge_pages on a contiguous span; nothing below 4 MiB; a
+// hint: no data changes). The pairwise paths write their float32 result a
+// block at a time; torch allocates it in 4 KiB pages (16385 first-touch faults
+// per 4096 x 4096 result), NumPy advises its own allocations.
+POLYCOS_API int polycos_advise_huge_pages(void* p, int64_t nbytes) {
+    if (nbytes < 0) return polycos_cpu::kBadShape;
+    const i64 n = nbytes, one = 1;
+    polycos_cpu::advise_huge_pages(p, 1, &n, &one, 1);
     return 0;
 }
 

@@ -68,6 +68,45 @@ def _floor_label(rec: dict[str, Any]) -> str:
     return "machine floor" + (f" ({' + '.join(best)})" if best else "")
 
 
+#: A subject that first-touches at least this many pages per call (1 MiB of 4 KiB
+#: pages) where the floor's writer touched none is flagged by :func:`first_touch_notes`.
+FIRST_TOUCH_PAGES = 256
+
+
+def first_touch_notes(doc: dict[str, Any]) -> list[str]:
+    """Cases where the floor wrote reused memory but a polycos subject first-touched new pages.
+
+    Under glibc's defaults the floor's fill can get its freed blocks back while
+    another library's new arrays are fresh pages (``--allocator``, see
+    :func:`polycos.bench._run.allocator_env`); the × floor of such a subject
+    then includes zeroing pages that the floor did not pay for. One line per
+    case, naming the subjects and their page faults per call.
+    """
+    by_case: dict[tuple, list[dict[str, Any]]] = {}
+    for r in doc["results"]:
+        key = (r["threads_setting"], r["op"], tuple(r["shape"]), r["dtype"], r["device"])
+        by_case.setdefault(key, []).append(r)
+    notes = []
+    for (setting, op, shape, dtype, _), recs in by_case.items():
+        floor = next((r for r in recs if r["kind"] == "floor"), None)
+        wins = ((floor or {}).get("floor_parts") or {}).get("write") or {}
+        writer = next((r for r in recs if r["kind"] == "floor-write" and wins
+                       and r["name"] == max(wins, key=wins.__getitem__)), None)
+        if writer is None or writer.get("page_faults") is None or writer["page_faults"] >= 1:
+            continue
+        touched = [
+            f"{r['name']} {r['page_faults']:.0f}" for r in sorted(recs, key=lambda r: r["name"])
+            if r["kind"] == "polycos" and (r.get("page_faults") or 0) >= FIRST_TOUCH_PAGES
+        ]
+        if touched:
+            notes.append(
+                f"thr {setting} {op} {_shape(shape)} {dtype}: the floor's writes ({writer['name']}) "
+                f"reused memory (0 page faults per call); first-touched pages per call: "
+                f"{', '.join(touched)} (the C allocator's choice; --allocator reuse measures without it)"
+            )
+    return notes
+
+
 def print_report(doc: dict[str, Any], console: Any) -> None:
     """Print one table per thread count and op, the skip notes and the targets.
 
@@ -127,6 +166,11 @@ def print_report(doc: dict[str, Any], console: Any) -> None:
                         gbps, _fmt_x(r["x_floor"]), speed, style=style,
                     )
             console.print(table)
+    notes = first_touch_notes(doc)
+    if notes:
+        console.print("[bold]first touches[/]")
+        for line in notes:
+            console.print(f"  {line}", markup=False, highlight=False)
     if doc["skipped"]:
         console.print("[bold]skipped[/]")
         seen = set()
