@@ -549,6 +549,12 @@ def test_large_float32_product_in_blocks_of_rows_is_the_core_matrix() -> None:
     assert_matches_reference(s, np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None], -1)
     s_self = np.asarray(value(a))
     assert_matches_reference(s_self, np.asarray(a, np.float64)[:, None], np.asarray(a, np.float64)[None], -1)
+    if backend._kernels() is not None:  # the loop starts from the kernel's unwritten (huge-page) buffer, not zeros
+        assert 'custom_call_target="polycos_uninitialized"' in value.lower(a, b).compile().as_text()
+    batched = np.asarray(jax.vmap(polycos.pairwise_cosine_similarity)(
+        jnp.stack([a, a[::-1]]), jnp.stack([b, b])))  # the loop's start broadcast over the batch
+    np.testing.assert_array_equal(batched[0], s)
+    np.testing.assert_array_equal(batched[1], np.asarray(value(a[::-1], b)))
 
 
 @pytest.mark.parametrize(("shape_a", "shape_b"), [((7, 5), (7, 3)), ((2, 7, 5), (7, 3)), ((2, 7, 5), (2, 7, 3))])
@@ -578,3 +584,39 @@ def test_blocked_pairwise_gradients_match_numpy() -> None:
     e1, e2 = vjp(np.asarray(ga))
     np.testing.assert_allclose(np.asarray(d1), e1, rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(np.asarray(d2), e2, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("n", [9, 600])  # one product; blocks of rows (a loop started from the kernel's buffer)
+def test_vmap_of_pairwise_is_a_loop(n: int) -> None:
+    """``vmap`` of the pairwise value (with and without ``x2``), of its explicit VJP and of ``grad``, x64
+    off: each batch element the unbatched call (float32 pairwise runs in a scoped x64)."""
+    m, d = 1100 if n > 100 else 7, 8
+    rng = np.random.default_rng(17)
+    a = jnp.asarray(rng.standard_normal((2, n, d)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((2, m, d)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, n, m)), jnp.float32)
+    loss = lambda u, v: jnp.sum(polycos.pairwise_cosine_similarity(u, v) * g[0])  # noqa: E731
+    batched = {
+        "value": jax.vmap(polycos.pairwise_cosine_similarity)(a, b),
+        "self": jax.vmap(polycos.pairwise_cosine_similarity)(a),
+        "vjp": jax.vmap(polycos.pairwise_cosine_similarity_vjp)(g, a, b),
+        "grad": jax.vmap(jax.grad(loss, argnums=(0, 1)))(a, b),
+    }
+    for i in range(2):
+        loop = {
+            "value": polycos.pairwise_cosine_similarity(a[i], b[i]),
+            "self": polycos.pairwise_cosine_similarity(a[i]),
+            "vjp": polycos.pairwise_cosine_similarity_vjp(g[i], a[i], b[i]),
+            "grad": jax.grad(loss, argnums=(0, 1))(a[i], b[i]),
+        }
+        for key, want in loop.items():  # values bit for bit; gradients' float32 sums may run in another order
+            got = jax.tree_util.tree_map(lambda t, i=i: np.asarray(t[i]), batched[key])
+            check = np.testing.assert_array_equal if key in ("value", "self") else _close_gradients
+            jax.tree_util.tree_map(check, got, jax.tree_util.tree_map(np.asarray, want))
+    jitted = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(a, b)
+    for got, want in zip(jitted, batched["grad"], strict=True):
+        _close_gradients(np.asarray(got), np.asarray(want))
+
+
+def _close_gradients(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want).max())))

@@ -461,7 +461,9 @@ def _product(h1: jax.Array, h2: jax.Array | None, dtype: Any) -> jax.Array:
         return lax.dynamic_update_slice_in_dim(out, part, i * rows, 0)
 
     full = n // rows
-    out = lax.fori_loop(0, full, step, jnp.zeros((n, m), dtype))
+    start = _by_platform(  # every row is written below: no zeros first
+        lambda h: _kernels().jax_uninitialized((n, m), dtype), lambda h: jnp.zeros((n, m), dtype), h1)
+    out = lax.fori_loop(0, full, step, start)
     if n % rows:
         out = lax.dynamic_update_slice_in_dim(out, block(h1[full * rows:]), full * rows, 0)
     return out
@@ -510,6 +512,10 @@ def _normalize(x: jax.Array, eps: float) -> _core.RowNorms:
 
 
 pairwise.defvjp(_pairwise_fwd, _pairwise_bwd)
+
+def _traced(*xs: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
 
 # Jitted entry points (as _value and _vjp above): one compilation per shape, not one per op.
 _pairwise_jit = jax.jit(pairwise, static_argnums=(2,))
@@ -577,12 +583,18 @@ class JaxBackend(Backend):
         return jnp.reshape(d1, x1.shape), jnp.reshape(d2, x2.shape)
 
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
-        return _pairwise_jit(x1, x2, eps)
+        # Traced, no inner jit: its transpose would be batched after the x64 scope has
+        # closed (vmap of grad, x64 off: float64 literals canonicalised to float32).
+        run = pairwise if _traced(x1, x2) else _pairwise_jit
+        with _x64_scope(x1.dtype):  # around the call too: a vmap outside traces it in the same scope
+            return run(x1, x2, eps)
 
     def pairwise_vjp(
         self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
     ) -> tuple[Any, Any | None]:
-        return _pairwise_vjp_jit(g, x1, x2, eps)
+        run = pairwise_vjp if _traced(g, x1, x2) else _pairwise_vjp_jit
+        with _x64_scope(x1.dtype):
+            return run(g, x1, x2, eps)
 
     def to_numpy(self, x: Any) -> Any:
         import numpy as np

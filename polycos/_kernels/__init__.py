@@ -836,6 +836,7 @@ _FFI_TARGETS = {
     "polycos_backward": "PolycosXlaBackward",
     "polycos_backward_recompute": "PolycosXlaBackwardRecompute",
     "polycos_normalize_rows": "PolycosXlaNormalizeRows",
+    "polycos_uninitialized": "PolycosXlaUninitialized",
 }
 _jax_lock = threading.Lock()
 _jax_registered = False
@@ -855,6 +856,19 @@ def register_jax() -> None:
         for name, symbol in _FFI_TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         _jax_registered = True
+
+
+def jax_uninitialized(shape: Sequence[int], dtype: Any) -> Any:
+    """A new CPU array of ``shape`` and ``dtype`` whose values are undefined, advised for huge pages.
+
+    Only for the initial value of a computation that overwrites every element
+    (the blocked pairwise product's loop): XLA would otherwise write zeros
+    first, a pass over the whole result in 4 KiB page faults.
+    """
+    import jax
+
+    register_jax()
+    return jax.ffi.ffi_call("polycos_uninitialized", jax.ShapeDtypeStruct(tuple(shape), dtype))()
 
 
 def _jax_acc(dtype: Any) -> Any:

@@ -1220,6 +1220,15 @@ ffi::Error normalize_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> xhat, ff
     return st == 0 ? ffi::Error::Success() : status_error(st);
 }
 
+// A new result whose contents nothing writes here, advised for huge pages: the
+// initial value of a loop that overwrites every element (JAX's blocked pairwise
+// product), instead of zeros XLA would write, first-touching it in 4 KiB pages.
+ffi::Error uninitialized_impl(ffi::Result<ffi::AnyBuffer> out) {
+    const i64 n = i64(out->size_bytes()), one = 1;
+    polycos_cpu::advise_huge_pages(out->untyped_data(), 1, &n, &one, 1);
+    return ffi::Error::Success();
+}
+
 }  // namespace polycos_xla
 
 // The handlers are exported (the library is built with -fvisibility=hidden).
@@ -1277,6 +1286,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PolycosXlaNormalizeRows, polycos_xla::normalize_im
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<double>("eps")
                                   .Attr<int64_t>("nthreads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PolycosXlaUninitialized, polycos_xla::uninitialized_impl,
+                              xla::ffi::Ffi::Bind().Ret<xla::ffi::AnyBuffer>());
 #pragma GCC visibility pop
 #endif  // POLYCOS_NO_XLA_FFI
 
