@@ -555,3 +555,29 @@ def test_interleaved_counts_page_faults_per_call() -> None:
     assert len(out["touch"].faults) == len(out["none"].faults) == 3
     assert min(out["touch"].faults) >= 1
     assert statistics.median(out["none"].faults) < 1
+
+
+def test_first_touch_notes_name_the_subjects_the_floor_did_not_pay_for() -> None:
+    """A case whose winning floor writer reused memory (0 faults per call) while a polycos subject
+    first-touched >= 256 pages per call is reported, naming that subject and only it; a case whose
+    floor writer faulted too is not."""
+    from polycos.bench._report import first_touch_notes
+
+    def case(writer_faults: float, op: str) -> list[dict[str, Any]]:
+        base = {"threads_setting": "1", "op": op, "shape": [32768, 256], "dtype": "float32", "device": "cpu"}
+        return [
+            {**base, "kind": "floor", "name": "floor", "floor_parts": {"write": {"ndarray.fill": 5, "np.copyto": 2}}},
+            {**base, "kind": "floor-write", "name": "ndarray.fill", "page_faults": writer_faults},
+            {**base, "kind": "floor-write", "name": "np.copyto", "page_faults": 0.0},
+            {**base, "kind": "polycos", "name": "jax", "page_faults": 1567.0},
+            {**base, "kind": "polycos", "name": "numpy", "page_faults": 0.0},
+            {**base, "kind": "polycos", "name": "torch", "page_faults": 255.0},
+            {**base, "kind": "peer", "name": "optax.cosine_similarity", "page_faults": 41347.0},
+        ]
+
+    notes = first_touch_notes({"results": case(0.0, "forward+backward") + case(1056.0, "forward")})
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("thr 1 forward+backward 32768x256 float32: the floor's writes (ndarray.fill)")
+    assert "jax 1567" in notes[0]
+    for other in ("numpy", "torch", "optax"):  # no first touches, too few, a peer
+        assert other not in notes[0]
