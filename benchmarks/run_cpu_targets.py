@@ -31,7 +31,7 @@ import sys
 
 from polycos.bench._report import print_report, write_json, write_plot
 from polycos.bench._run import Config
-from polycos.bench._suites import subject_names
+from polycos.bench._suites import ALLOCATORS, subject_names
 from polycos.bench._targets import D16_SHAPE, REFERENCE_SHAPE, TARGETS, gate
 from polycos.bench.cli import _csv, _output, _positive, _threads
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pairwise", action="store_true", help="skip the pairwise workloads")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument(
-        "--allocator", choices=("system", "reuse"), default="system",
+        "--allocator", choices=ALLOCATORS, default="system",
         help="the C allocator in the measuring processes (see polycos bench --help)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -131,6 +131,12 @@ inline void advise_huge_pages(void* base, int nd, const i64* shape, const i64* s
 #endif
 }
 
+// advise_huge_pages on nbytes of contiguous memory.
+inline void advise_huge_span(void* p, i64 nbytes) {
+    const i64 one = 1;
+    advise_huge_pages(p, 1, &nbytes, &one, 1);
+}
+
 // The supported (storage, accumulation) pairs: _core.accumulation_dtype, plus
 // float32 accumulating in float32 (JAX without x64: no float64 buffers).
 inline bool valid_pair(int t, int a) {
@@ -843,8 +849,7 @@ POLYCOS_API int polycos_clamp_round_rows(const void* p, int64_t rows, int64_t co
 // per 4096 x 4096 result), NumPy advises its own allocations.
 POLYCOS_API int polycos_advise_huge_pages(void* p, int64_t nbytes) {
     if (nbytes < 0) return polycos_cpu::kBadShape;
-    const i64 n = nbytes, one = 1;
-    polycos_cpu::advise_huge_pages(p, 1, &n, &one, 1);
+    polycos_cpu::advise_huge_span(p, nbytes);
     return 0;
 }
 
@@ -1224,8 +1229,7 @@ ffi::Error normalize_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> xhat, ff
 // initial value of a loop that overwrites every element (JAX's blocked pairwise
 // product), instead of zeros XLA would write, first-touching it in 4 KiB pages.
 ffi::Error uninitialized_impl(ffi::Result<ffi::AnyBuffer> out) {
-    const i64 n = i64(out->size_bytes()), one = 1;
-    polycos_cpu::advise_huge_pages(out->untyped_data(), 1, &n, &one, 1);
+    polycos_cpu::advise_huge_span(out->untyped_data(), i64(out->size_bytes()));
     return ffi::Error::Success();
 }
 

@@ -62,6 +62,10 @@ def _threads_label(doc: dict[str, Any], setting: str) -> str:
     return f"{head}; {extra}" if extra else head
 
 
+def _allocator(doc: dict[str, Any]) -> str:
+    return str(doc["config"].get("allocator", "system"))  # (documents before the option: the system's)
+
+
 def _floor_label(rec: dict[str, Any]) -> str:
     parts = rec.get("floor_parts") or {}
     best = [max(p, key=p.get) for p in (parts.get("read", {}), parts.get("write", {})) if p]
@@ -90,8 +94,8 @@ def first_touch_notes(doc: dict[str, Any]) -> list[str]:
     for (setting, op, shape, dtype, _), recs in by_case.items():
         floor = next((r for r in recs if r["kind"] == "floor"), None)
         wins = ((floor or {}).get("floor_parts") or {}).get("write") or {}
-        writer = next((r for r in recs if r["kind"] == "floor-write" and wins
-                       and r["name"] == max(wins, key=wins.__getitem__)), None)
+        best = max(wins, key=wins.__getitem__) if wins else None  # the writer that won most rounds
+        writer = next((r for r in recs if r["kind"] == "floor-write" and r["name"] == best), None)
         if writer is None or writer.get("page_faults") is None or writer["page_faults"] >= 1:
             continue
         touched = [
@@ -194,7 +198,7 @@ def print_report(doc: dict[str, Any], console: Any) -> None:
     load = f", load {m['loadavg'][0]:.2f}" if m.get("loadavg") else ""
     console.print(
         f"{m['processor']}, {m['usable_cpus']} usable CPUs{load} | GPUs: {', '.join(m['gpus']) or 'none'}"
-        f" | allocator: {doc['config'].get('allocator', 'system')} | {doc['duration_s']:.1f} s",
+        f" | allocator: {_allocator(doc)} | {doc['duration_s']:.1f} s",
         highlight=False,
     )
     for err in doc.get("errors", []):
@@ -353,7 +357,7 @@ def write_plot(doc: dict[str, Any], path: str | Path) -> None:
     m = doc["machine"]
     fig.suptitle(
         f"polycos bench — {m['processor']}, {m['usable_cpus']} usable CPUs, {doc['date']}, "
-        f"allocator: {doc['config'].get('allocator', 'system')}; "
+        f"allocator: {_allocator(doc)}; "
         "bars: time / machine floor (lower is better); lines: time against N",
         fontsize=10,
     )

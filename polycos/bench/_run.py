@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from polycos.bench._suites import (
+    ALLOCATORS,
     PAIRWISE,
     ROWWISE,
     Case,
@@ -71,7 +72,6 @@ REUSE_TUNABLES = (
     ("glibc.malloc.trim_threshold", 1 << 30),
     ("glibc.malloc.arena_max", 1),
 )
-ALLOCATORS = ("system", "reuse")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from polycos.bench._suites import DEVICES, DTYPES, KINDS, OPS
+from polycos.bench._suites import ALLOCATORS, DEVICES, DTYPES, KINDS, OPS
 
 __all__ = ["RECORD", "SCHEMA", "validate"]
 
@@ -196,7 +196,7 @@ SCHEMA: dict[str, Any] = {
                 "slow": _POS,
                 "slow_rounds": {"type": "integer", "minimum": 1},
                 "isolate": {"type": "boolean"},
-                "allocator": {"enum": ["system", "reuse"]},
+                "allocator": {"enum": list(ALLOCATORS)},
             },
         },
         "reference_threads": _SETTING,

@@ -90,6 +90,8 @@ DTYPES: tuple[str, ...] = ("float32", "float64", "float16", "bfloat16")
 ITEMSIZE: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 KINDS: tuple[str, ...] = ("polycos", "peer", "floor", "floor-read", "floor-write")
+#: ``--allocator``: the measuring processes' C allocator (:func:`polycos.bench._run.allocator_env`).
+ALLOCATORS: tuple[str, ...] = ("system", "reuse")
 
 #: Subjects a registry backend has besides its own name (framework drivers below).
 VARIANTS: dict[str, tuple[str, ...]] = {"torch": ("torch", "torch-compile", "torch-cuda")}

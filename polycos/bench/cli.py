@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from polycos.bench._suites import DTYPES, OPS
+from polycos.bench._suites import ALLOCATORS, DTYPES, OPS
 
 __all__ = ["DEFAULTS", "QUICK", "build_parser", "main"]
 
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a PNG: x floor bars per backend and op, and time against size",
     )
     bench.add_argument(
-        "--allocator", choices=("system", "reuse"), default="system",
+        "--allocator", choices=ALLOCATORS, default="system",
         help="the C allocator in the measuring processes: 'system' (default), the environment as "
         "it is; 'reuse', glibc serves every thread from one heap and keeps freed blocks of up to "
         "256 MiB for reuse (GLIBC_TUNABLES), so no library's new arrays first-touch fresh pages "
