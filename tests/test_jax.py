@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from functools import partial
 
 import numpy as np
@@ -485,9 +486,9 @@ def test_outer_broadcast_is_one_matrix_product_with_exact_gradients() -> None:
     y = rng.standard_normal((3, 4)).astype(np.float32)
     zj, yj = jnp.asarray(z), jnp.asarray(y)
     f = jax.jit(lambda a, b: pj.cosine_similarity(a[:, None], b[None], dim=-1))
-    jaxpr = str(jax.make_jaxpr(f)(zj, yj))
-    assert "dot_general" in jaxpr
-    assert "f32[5,3,4]" not in jaxpr
+    graph = f.lower(zj, yj).as_text()  # float32 pairwise with x64 off is a primitive: its lowering
+    assert "dot_general" in graph
+    assert "5x3x4" not in graph
     assert_matches_reference(np.asarray(f(zj, yj)), z[:, None], y[None], -1, 1e-8)
     g = rng.standard_normal((5, 3)).astype(np.float32)
     ga, gb = jax.vjp(f, zj, yj)[1](jnp.asarray(g))
@@ -524,6 +525,31 @@ def test_pairwise_check_grads_second_order() -> None:
         y = jnp.asarray(rng.standard_normal((2, 3)))
         check_grads(lambda a: polycos.pairwise_cosine_similarity(a), (z,), order=2, modes=["rev"])
         check_grads(lambda a, b: pj.cosine_similarity(a[None], b[:, None], dim=2), (z, y), order=2, modes=["rev"])
+
+
+def test_second_derivatives_of_float32_pairwise_with_x64_off() -> None:
+    """Grad of grad through the scoped float64 (the primitive's JVP and transpose rules), plain, jitted,
+    under ``jit(vmap)`` and ``vmap(jit)``, against the float64 computation; no float64 product made
+    float32 on the way (JAX warns when it truncates one)."""
+    rng = np.random.default_rng(23)
+    x, y = rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 6, 4))
+
+    def grad_norm(a: jax.Array, b: jax.Array) -> jax.Array:
+        inner = jax.grad(lambda u, v: jnp.sum(polycos.pairwise_cosine_similarity(u, v) ** 2), argnums=(0, 1))
+        return sum(jnp.sum(t**2) for t in inner(a, b))
+
+    outer = jax.grad(grad_norm, argnums=(0, 1))
+    with jax.enable_x64(True):
+        want = jax.vmap(outer)(jnp.asarray(x), jnp.asarray(y))
+    a, b = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for got in (outer(a[0], b[0]), jax.jit(outer)(a[0], b[0])):
+            for u, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(np.asarray(u), np.asarray(w[0]), rtol=2e-4, atol=2e-4)
+        for batched in (jax.jit(jax.vmap(outer))(a, b), jax.vmap(jax.jit(outer))(a, b)):
+            for u, w in zip(batched, want, strict=True):
+                np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=2e-4, atol=2e-4)
 
 
 def test_large_float32_product_in_blocks_of_rows_is_the_core_matrix() -> None:
@@ -616,6 +642,21 @@ def test_vmap_of_pairwise_is_a_loop(n: int) -> None:
     jitted = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(a, b)
     for got, want in zip(jitted, batched["grad"], strict=True):
         _close_gradients(np.asarray(got), np.asarray(want))
+    # jit inside vmap and vmap inside jit: JAX batches or re-traces a graph after polycos's scoped
+    # float64 has closed, which the primitives' rules must survive (a TypeError before).
+    value = polycos.pairwise_cosine_similarity
+    np.testing.assert_array_equal(jax.vmap(jax.jit(value))(a, b), batched["value"])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(value))(a, b), batched["value"])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(value))(a), batched["self"])
+    np.testing.assert_array_equal(jax.vmap(jax.jit(value), in_axes=(0, None))(a, b[0]),
+                                  jnp.stack([value(a[i], b[0]) for i in range(2)]))
+    for spelling in (jax.vmap(jax.jit(polycos.pairwise_cosine_similarity_vjp)),
+                     jax.jit(jax.vmap(polycos.pairwise_cosine_similarity_vjp))):
+        jax.tree_util.tree_map(_close_gradients, tuple(map(np.asarray, spelling(g, a, b))), batched["vjp"])
+    vmapped_jit_grad = jax.vmap(jax.jit(jax.grad(loss, argnums=(0, 1))))(a, b)
+    jax.tree_util.tree_map(_close_gradients, tuple(map(np.asarray, vmapped_jit_grad)), batched["grad"])
+    if n > 100:  # each matrix of the batch keeps the product in blocks of rows
+        assert "while" in jax.jit(jax.vmap(value)).lower(a, b).as_text()
 
 
 def _close_gradients(got: np.ndarray, want: np.ndarray) -> None:

@@ -30,7 +30,10 @@ fused CPU kernel (:func:`jax.ffi.ffi_call`) on CPU, the array-API core in
 Pairwise similarity is a :func:`jax.custom_vjp` over the core. For float32
 inputs with ``jax_enable_x64`` off, the row normalisation and the product run
 inside a scoped ``jax.enable_x64`` (float64), so the matrix is within 1
-ulp(1.0) of exact on every CPU, as with x64 on (docs/pairwise.md). Two native
+ulp(1.0) of exact on every CPU, as with x64 on (docs/pairwise.md); that code
+is a call of :data:`in_x64_p`, a primitive whose rules (lowering, batching,
+JVP, transpose) trace it inside the scope, so transformations applied after
+the scope has closed (``vmap(jit(f))``) see float32 only. Two native
 hooks keep it near a plain float32 normalise-then-multiply on XLA:CPU:
 :func:`_product` forms a large float64 product in blocks of rows inside a
 ``fori_loop``, and :func:`_tmatmul` gives the backward's ``G^T X`` as a
@@ -40,7 +43,9 @@ product XLA sends to its fast GEMM.
 from __future__ import annotations
 
 import math
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -57,7 +62,7 @@ from polycos._backends._base import Backend, dtype_name
 if TYPE_CHECKING:
     from polycos._call import Call
 
-__all__ = ["JaxBackend", "cosine", "cosine_value", "pullback", "tangent", "tangent_p"]
+__all__ = ["JaxBackend", "cosine", "cosine_value", "in_x64_p", "pullback", "tangent", "tangent_p"]
 
 
 class _Namespace:
@@ -425,15 +430,6 @@ def _vjp(g: jax.Array, x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> t
 # --------------------------------------------------------------------------- pairwise
 
 
-def _x64_scope(dtype: Any) -> Any:
-    """Scoped float64 for float32 inputs when x64 is off: the product within 1 ulp(1.0)."""
-    import contextlib
-
-    if dtype_name(dtype) == "float32" and not jax.config.jax_enable_x64:
-        return jax.enable_x64(True)
-    return contextlib.nullcontext()
-
-
 def _product(h1: jax.Array, h2: jax.Array | None, dtype: Any) -> jax.Array:
     """:func:`polycos._core.pairwise_product`, a large float64 product of a float32 call in blocks of rows.
 
@@ -487,8 +483,9 @@ def _tmatmul(a: jax.Array, b: jax.Array) -> jax.Array:
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def pairwise(x1: jax.Array, x2: jax.Array | None, eps: float) -> jax.Array:
     """The similarity matrix (:func:`polycos._core.pairwise_forward`); ``x2=None``: ``x1`` itself."""
-    with _x64_scope(x1.dtype):
-        return _core.pairwise_forward(xp, x1, x2, eps, native_normalize=_normalize, native_product=_product)[0]
+    if _scoped(x1.dtype):
+        return in_x64_p.bind(*_present(x1, x2), fn=_InX64(_pairwise_core, eps))[0]
+    return _pairwise_core(x1, *_present(x2), eps=eps)[0]
 
 
 def _pairwise_fwd(x1: jax.Array, x2: jax.Array | None, eps: float) -> tuple[jax.Array, Any]:
@@ -503,8 +500,12 @@ def _pairwise_bwd(eps: float, saved: Any, g: jax.Array) -> tuple:
 
 
 def pairwise_vjp(g: jax.Array, x1: jax.Array, x2: jax.Array | None, eps: float) -> tuple[jax.Array, jax.Array | None]:
-    with _x64_scope(x1.dtype):
-        return _core.pairwise_vjp(xp, g, x1, x2, eps, native_normalize=_normalize, native_tmatmul=_tmatmul)
+    """``(dx1, dx2)`` of ``sum(g * pairwise(x1, x2))`` (:func:`polycos._core.pairwise_vjp`); ``dx2`` ``None`` for ``x2=None``."""
+    if _scoped(x1.dtype):
+        d = in_x64_p.bind(g, *_present(x1, x2), fn=_InX64(_pairwise_vjp_core, eps))
+    else:
+        d = _pairwise_vjp_core(g, x1, *_present(x2), eps=eps)
+    return d[0], (d[1] if x2 is not None else None)
 
 
 def _normalize(x: jax.Array, eps: float) -> _core.RowNorms:
@@ -512,6 +513,140 @@ def _normalize(x: jax.Array, eps: float) -> _core.RowNorms:
 
 
 pairwise.defvjp(_pairwise_fwd, _pairwise_bwd)
+
+
+def _present(*xs: jax.Array | None) -> tuple[jax.Array, ...]:
+    return tuple(x for x in xs if x is not None)
+
+
+def _pairwise_core(x1: jax.Array, *x2: jax.Array, eps: float) -> tuple[jax.Array]:
+    return _core.pairwise_forward(xp, x1, x2[0] if x2 else None, eps, native_normalize=_normalize,
+                                  native_product=_product)[:1]
+
+
+def _pairwise_vjp_core(g: jax.Array, x1: jax.Array, *x2: jax.Array, eps: float) -> tuple[jax.Array, ...]:
+    d1, d2 = _core.pairwise_vjp(xp, g, x1, x2[0] if x2 else None, eps, native_normalize=_normalize,
+                                native_tmatmul=_tmatmul)
+    return (d1,) if d2 is None else (d1, d2)
+
+
+# --------------------------------------------------------------------------- pairwise: float64 in a float32 graph
+#
+# Float32 pairwise with x64 off runs in a scoped ``jax.enable_x64``. A graph traced inside the scope
+# and transformed after it closed (``vmap(jit(f))``: JAX batches the graph ``jit`` traced; a loop's
+# indices inside ``jit(vmap(f))``; the transpose of a second derivative) has its float64 and int64
+# values canonicalised to 32 bits: a TypeError, or a float64 product silently made float32. So that
+# code runs as one primitive, :data:`in_x64_p`, with float32 operands and results; each rule traces
+# the code inside the scope when it runs, and every transformation becomes a step of the code:
+# lowering (once per compilation), batching (``vmap``), JVP (the tangent map, itself a call of the
+# primitive) and the transpose of that tangent map (``vjp`` of it), to any order.
+
+
+def _scoped(dtype: Any) -> bool:
+    """Float32 with x64 off: the pairwise product runs in a scoped float64."""
+    return dtype_name(dtype) == "float32" and not jax.config.jax_enable_x64
+
+
+@dataclass(frozen=True)
+class _InX64:
+    """A function of arrays returning a tuple of arrays, run with x64 on: ``base(*arrays, eps=eps)``, then
+    the transformations in ``steps``. A value (equal, hashable): the primitive's parameter."""
+
+    base: Callable[..., tuple]
+    eps: float
+    steps: tuple = ()
+
+    def then(self, *step: Any) -> _InX64:
+        return _InX64(self.base, self.eps, (*self.steps, step))
+
+    def __call__(self, *args: jax.Array) -> tuple:
+        f: Callable[..., Any] = partial(self.base, eps=self.eps)
+        for step in self.steps:
+            f = _STEPS[step[0]](f, *step[1:])
+        with jax.enable_x64(True):
+            return tuple(f(*args))
+
+
+def _vmap_step(f: Callable, dims: tuple) -> Callable:
+    return jax.vmap(f, in_axes=dims, out_axes=0)
+
+
+def _jvp_step(f: Callable, n: int) -> Callable:
+    """The tangent map: ``(*primals, *tangents) -> tangents of f``, linear in the tangents."""
+    return lambda *a: jax.jvp(f, a[:n], a[n:])[1]
+
+
+def _transpose_step(f: Callable, linear: tuple[bool, ...], avals: tuple, n_out: int) -> Callable:
+    """``(*cotangents, *fixed operands) -> cotangents of the linear operands`` of ``f`` (linear in those)."""
+
+    def transposed(*a: jax.Array) -> tuple:
+        cts, fixed = a[:n_out], iter(a[n_out:])
+        fixed_args = [None if is_linear else next(fixed) for is_linear in linear]
+
+        def of_linear(*u: jax.Array) -> tuple:
+            it = iter(u)
+            return tuple(f(*(next(it) if is_linear else x for x, is_linear in zip(fixed_args, linear, strict=True))))
+
+        zeros = tuple(jnp.zeros(shape, dtype) for shape, dtype in avals)
+        return jax.vjp(of_linear, *zeros)[1](tuple(cts))
+
+    return transposed
+
+
+_STEPS: dict[str, Callable[..., Callable]] = {"vmap": _vmap_step, "jvp": _jvp_step, "transpose": _transpose_step}
+
+in_x64_p = Primitive("polycos_in_x64")
+in_x64_p.multiple_results = True
+
+
+def _in_x64_abstract(*avals: Any, fn: _InX64) -> list:
+    with jax.enable_x64(True):
+        out = jax.eval_shape(fn, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))
+    return [jax.core.ShapedArray(o.shape, o.dtype) for o in out]
+
+
+def _in_x64_eager(*operands: jax.Array, fn: _InX64) -> Any:
+    return _in_x64_jit(fn)(*operands)
+
+
+@cache
+def _in_x64_jit(fn: _InX64) -> Any:
+    return jax.jit(lambda *ops: in_x64_p.bind(*ops, fn=fn))
+
+
+def _in_x64_lowering(ctx: Any, *operands: Any, fn: _InX64) -> Any:
+    with jax.enable_x64(True):
+        return mlir.lower_fun(fn, multiple_results=True)(ctx, *operands)
+
+
+def _in_x64_batch(args: tuple, dims: tuple, *, fn: _InX64) -> tuple:
+    out = in_x64_p.bind(*args, fn=fn.then("vmap", tuple(dims)))
+    return out, [0] * len(out)
+
+
+def _in_x64_jvp(primals: tuple, tangents: tuple, *, fn: _InX64) -> tuple:
+    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+    out = in_x64_p.bind(*primals, fn=fn)
+    return out, in_x64_p.bind(*primals, *tangents, fn=fn.then("jvp", len(primals)))
+
+
+def _in_x64_transpose(cts: Any, *operands: Any, fn: _InX64) -> list:
+    """Only a tangent map (a ``jvp`` step, or a transpose of one) is transposed: linear in its undefined operands."""
+    linear = tuple(ad.is_undefined_primal(o) for o in operands)
+    avals = tuple((o.aval.shape, o.aval.dtype) for o in operands if ad.is_undefined_primal(o))
+    fixed = [o for o in operands if not ad.is_undefined_primal(o)]
+    cts = [ad.instantiate_zeros(c) for c in cts]
+    d = iter(in_x64_p.bind(*cts, *fixed, fn=fn.then("transpose", linear, avals, len(cts))))
+    return [next(d) if is_linear else None for is_linear in linear]
+
+
+in_x64_p.def_impl(_in_x64_eager)
+in_x64_p.def_abstract_eval(_in_x64_abstract)
+batching.primitive_batchers[in_x64_p] = _in_x64_batch
+ad.primitive_jvps[in_x64_p] = _in_x64_jvp
+ad.primitive_transposes[in_x64_p] = _in_x64_transpose
+mlir.register_lowering(in_x64_p, _in_x64_lowering)
+
 
 def _traced(*xs: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
@@ -583,18 +718,12 @@ class JaxBackend(Backend):
         return jnp.reshape(d1, x1.shape), jnp.reshape(d2, x2.shape)
 
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
-        # Traced, no inner jit: its transpose would be batched after the x64 scope has
-        # closed (vmap of grad, x64 off: float64 literals canonicalised to float32).
-        run = pairwise if _traced(x1, x2) else _pairwise_jit
-        with _x64_scope(x1.dtype):  # around the call too: a vmap outside traces it in the same scope
-            return run(x1, x2, eps)
+        return (pairwise if _traced(x1, x2) else _pairwise_jit)(x1, x2, eps)
 
     def pairwise_vjp(
         self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
     ) -> tuple[Any, Any | None]:
-        run = pairwise_vjp if _traced(g, x1, x2) else _pairwise_vjp_jit
-        with _x64_scope(x1.dtype):
-            return run(g, x1, x2, eps)
+        return (pairwise_vjp if _traced(g, x1, x2) else _pairwise_vjp_jit)(g, x1, x2, eps)
 
     def to_numpy(self, x: Any) -> Any:
         import numpy as np
