@@ -1015,10 +1015,11 @@ from polycos._backends import torch as tb
 torch.set_num_threads(1)
 if sys.argv[1] == "off":
     tb._CpuKernels.advise_huge_pages = lambda self, t: None
-a, b = torch.randn(2048, 64), torch.randn(4096, 64)
+rows = {"float32": (2048, 4096), "float64": (2048, 2048)}[sys.argv[2]]
+a, b = (torch.randn(n, 64, dtype=getattr(torch, sys.argv[2])) for n in rows)
 polycos.pairwise_cosine_similarity(a, b)  # first call: the cached tile, the temporaries' heap
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-s = polycos.pairwise_cosine_similarity(a, b)  # a new 2048 x 4096 float32 result (32 MiB)
+s = polycos.pairwise_cosine_similarity(a, b)  # a new 32 MiB result
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """
 
@@ -1032,17 +1033,19 @@ def _thp_madvise() -> bool:
 
 
 @pytest.mark.skipif(not _thp_madvise(), reason="needs Linux transparent huge pages in madvise mode")
-def test_torch_pairwise_result_is_written_in_huge_pages() -> None:
-    """torch allocates the pairwise result in 4 KiB pages, which the blocked product then
-    first-touches one fault at a time (8192 per 32 MiB); advised before the first block, the
-    result takes a few dozen huge-page faults plus the 4 KiB pages at its unaligned ends."""
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_pairwise_result_is_written_in_huge_pages(dtype: str) -> None:
+    """torch allocates the pairwise result in 4 KiB pages, which the product (float32: blocks
+    rounded into it; float64: ``matmul(out=)``) then first-touches one fault at a time (8192 per
+    32 MiB); advised before it is written, the result takes a few dozen huge-page faults plus the
+    4 KiB pages at its unaligned ends."""
     import subprocess
     import sys
 
     pytest.importorskip("torch")
     faults = {}
     for mode in ("off", "on"):
-        proc = subprocess.run([sys.executable, "-c", _TORCH_PAIRWISE_FAULTS, mode], capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", _TORCH_PAIRWISE_FAULTS, mode, dtype], capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         faults[mode] = int(proc.stdout.split()[-1])

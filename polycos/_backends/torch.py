@@ -484,10 +484,17 @@ def _clamped_product(native: Any, h1: torch.Tensor, h2t: torch.Tensor, dtype: to
     first and then clamping gives the same values: rounding is monotone and
     keeps +-1.)
     """
-    if not (isinstance(native, _CpuKernels) and h1.dtype == torch.float64 and dtype == torch.float32):
+    if not isinstance(native, _CpuKernels):
         return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
     n, m = h1.shape[0], h2t.shape[1]
     (bn, bm), cap = native.k.product_blocks(n, m), native.k.PRODUCT_TILE_BYTES
+    if h1.dtype == dtype:  # float64: the product is the result, clamped in place
+        out = torch.empty((n, m), dtype=dtype)
+        if bn < n or bm < m:  # a large result: huge pages, not 4 KiB ones first-touched one by one
+            native.advise_huge_pages(out)
+        return torch.matmul(h1, h2t, out=out).clamp_(-1.0, 1.0)
+    if not (h1.dtype == torch.float64 and dtype == torch.float32):
+        return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
     out = torch.empty((n, m), dtype=dtype)
     if bn >= n and bm >= m:  # one block: a fresh small one costs less than the cached one's bookkeeping
         native.clamp_round(torch.matmul(h1, h2t), out)
