@@ -31,7 +31,7 @@ import sys
 
 from polycos.bench._report import print_report, write_json, write_plot
 from polycos.bench._run import Config
-from polycos.bench._suites import ALLOCATORS, subject_names
+from polycos.bench._suites import ALLOCATORS, JAX_DISPATCH, subject_names
 from polycos.bench._targets import D16_SHAPE, REFERENCE_SHAPE, TARGETS, gate
 from polycos.bench.cli import _csv, _output, _positive, _threads
 
@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         "--allocator", choices=ALLOCATORS, default="system",
         help="the C allocator in the measuring processes (see polycos bench --help)",
     )
+    parser.add_argument(
+        "--jax-dispatch", choices=JAX_DISPATCH, default="async",
+        help="where XLA:CPU runs jitted calls (see polycos bench --help)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", type=_output(".json"), metavar="PATH")
     parser.add_argument("--plot", type=_output(".png"), metavar="PATH")
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         min_time=args.min_time,
         compile="none" if args.no_compile else "rowwise",
         allocator=args.allocator,
+        jax_dispatch=args.jax_dispatch,
         argv=["benchmarks/run_cpu_targets.py", *(argv if argv is not None else sys.argv[1:])],
     )
     console = Console(width=170)

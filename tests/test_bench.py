@@ -27,6 +27,7 @@ from polycos.bench._run import (
     REUSE_TUNABLES,
     Config,
     allocator_env,
+    apply_jax_dispatch,
     default_threads,
     plan,
     reference_threads,
@@ -64,7 +65,8 @@ def command_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
     backends = [b for b in ("numpy", "torch", "jax") if b in INSTALLED]
     proc = subprocess.run(
         [sys.executable, "-m", "polycos", "bench", "--backends", ",".join(backends),
-         "--threads", "1,all", "--ops", "forward,pairwise+backward", "--allocator", "reuse", *TINY,
+         "--threads", "1,all", "--ops", "forward,pairwise+backward", "--allocator", "reuse",
+         "--jax-dispatch", "sync", *TINY,
          "--json", str(out / "r.json"), "--plot", str(out / "r.png")],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "COLUMNS": "200"},
     )
@@ -86,9 +88,11 @@ def test_json_matches_schema(command_run: tuple[dict[str, Any], str, Path]) -> N
     assert doc["config"]["rowwise"] == [[64, 8, "float32"]]
     assert doc["config"]["pairwise"] == [[8, 8, 4, "float32"]]
     assert doc["config"]["allocator"] == "reuse"
+    assert doc["config"]["jax_dispatch"] == "sync"
     for r in doc["runs"]:  # what the children ran with
         assert {"glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={256 << 20}"} <= set(
             r["env"]["GLIBC_TUNABLES"].split(":"))
+        assert r["jax_async_dispatch"] is (False if "jax" in INSTALLED else None)
     assert doc["errors"] == []
 
 
@@ -101,6 +105,8 @@ def test_schema_rejects_broken_documents(command_run: tuple[dict[str, Any], str,
         lambda d: d["results"][0].update(threads=0),
         lambda d: d["config"].update(repeat=0),
         lambda d: d["config"].update(allocator="jemalloc"),
+        lambda d: d["config"].update(jax_dispatch="eager"),
+        lambda d: d["runs"][0].update(jax_async_dispatch="yes"),
         lambda d: d.update(schema="polycos-bench/1"),
         lambda d: d["targets"][0].update(status="almost"),
     ):
@@ -318,6 +324,7 @@ def test_targets_in_the_document(command_run: tuple[dict[str, Any], str, Path]) 
         (["--threads", "1,some"], "--threads", "some"),
         (["--min-time", "-1"], "--min-time", "-1"),
         (["--allocator", "jemalloc"], "--allocator", "jemalloc"),
+        (["--jax-dispatch", "eager"], "--jax-dispatch", "eager"),
         (["--json", "/nonexistent-dir/x.json"], "--json", "/nonexistent-dir"),
         (["--plot", "plot.svg"], "--plot", "plot.svg"),
     ],
@@ -361,6 +368,7 @@ def test_default_threads_and_grid() -> None:
     assert rowwise == [(100, 4, "float32"), (100, 4, "float64")]
     args = cli.build_parser().parse_args(["bench"])
     assert args.allocator == "system"  # the environment as users run it, unless asked
+    assert args.jax_dispatch == "async"  # JAX's default
     rowwise, pairwise = cli.grid(args)
     assert (*REFERENCE_SHAPE, "float32") in rowwise
     assert (524288, 16, "float32") in rowwise
@@ -388,6 +396,17 @@ def test_thread_environment() -> None:
     env = thread_env("all", {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "POLYCOS_NUM_THREADS": "1"})
     assert env["POLYCOS_NUM_THREADS"] == str(usable_cpus())
     assert "XLA_FLAGS" not in env
+
+
+def test_jax_dispatch_setting() -> None:
+    with pytest.raises(ValueError, match=r"jax_dispatch must be one of .*'eager'"):
+        apply_jax_dispatch("eager")
+    if "jax" in INSTALLED:  # in a fresh interpreter: the setting must come before JAX's CPU client
+        code = ("from polycos.bench._run import apply_jax_dispatch as a; import jax, jax.numpy as jnp; "
+                "print(a('async'), a('sync'), jnp.ones(3).sum())")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split()[:2] == ["True", "False"]
 
 
 def test_allocator_environment() -> None:
@@ -581,3 +600,20 @@ def test_first_touch_notes_name_the_subjects_the_floor_did_not_pay_for() -> None
     assert "jax 1567" in notes[0]
     for other in ("numpy", "torch", "optax"):  # no first touches, too few, a peer
         assert other not in notes[0]
+
+
+def test_floor_writers_return_every_written_array_alive_at_once() -> None:
+    """An op returns all its outputs together, so the floor's writers hold every array they fill until
+    the call ends (a writer that dropped each array before allocating the next could write two
+    gradients into one recycled block)."""
+    from polycos.bench._suites import build_case, io_shapes
+
+    case = build_case("forward+backward", (64, 8), "float32", ["numpy"], compile=False)
+    writers = [c for c in case.candidates if c.kind == "floor-write"]
+    assert writers
+    want = [tuple(s) for s in io_shapes("forward+backward", (64, 8))[1]]
+    for cand in writers:
+        out = cand.fn()
+        assert [tuple(getattr(a, "shape", ())) for a in out] == want, cand.name
+        assert len({id(a) for a in out}) == len(out), cand.name
+        assert all(float(abs(a).max()) == 0.0 for a in out), cand.name  # filled: zeros

@@ -66,6 +66,10 @@ def _allocator(doc: dict[str, Any]) -> str:
     return str(doc["config"].get("allocator", "system"))  # (documents before the option: the system's)
 
 
+def _jax_dispatch(doc: dict[str, Any]) -> str:
+    return str(doc["config"].get("jax_dispatch", "async"))  # (documents before the option: JAX's default)
+
+
 def _floor_label(rec: dict[str, Any]) -> str:
     parts = rec.get("floor_parts") or {}
     best = [max(p, key=p.get) for p in (parts.get("read", {}), parts.get("write", {})) if p]
@@ -198,7 +202,7 @@ def print_report(doc: dict[str, Any], console: Any) -> None:
     load = f", load {m['loadavg'][0]:.2f}" if m.get("loadavg") else ""
     console.print(
         f"{m['processor']}, {m['usable_cpus']} usable CPUs{load} | GPUs: {', '.join(m['gpus']) or 'none'}"
-        f" | allocator: {_allocator(doc)} | {doc['duration_s']:.1f} s",
+        f" | allocator: {_allocator(doc)} | JAX dispatch: {_jax_dispatch(doc)} | {doc['duration_s']:.1f} s",
         highlight=False,
     )
     for err in doc.get("errors", []):
@@ -357,7 +361,7 @@ def write_plot(doc: dict[str, Any], path: str | Path) -> None:
     m = doc["machine"]
     fig.suptitle(
         f"polycos bench — {m['processor']}, {m['usable_cpus']} usable CPUs, {doc['date']}, "
-        f"allocator: {_allocator(doc)}; "
+        f"allocator: {_allocator(doc)}, JAX dispatch: {_jax_dispatch(doc)}; "
         "bars: time / machine floor (lower is better); lines: time against N",
         fontsize=10,
     )

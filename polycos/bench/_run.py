@@ -37,6 +37,7 @@ from typing import Any
 
 from polycos.bench._suites import (
     ALLOCATORS,
+    JAX_DISPATCH,
     PAIRWISE,
     ROWWISE,
     Case,
@@ -111,6 +112,10 @@ class Config:
     allocator : str
         The C allocator's setting in the child processes (:func:`allocator_env`):
         ``"system"`` (the environment as it is) or ``"reuse"``.
+    jax_dispatch : str
+        ``"async"`` (JAX's default: XLA:CPU runs each jitted call, and allocates
+        its outputs, on a worker thread) or ``"sync"`` (on the calling thread,
+        as NumPy and torch do; :func:`apply_jax_dispatch`).
     """
 
     backends: list[str]
@@ -126,6 +131,7 @@ class Config:
     slow_rounds: int = 3
     isolate: bool = True
     allocator: str = "system"
+    jax_dispatch: str = "async"
     argv: list[str] = field(default_factory=list)
 
 
@@ -231,6 +237,23 @@ def allocator_env(mode: str, env: dict[str, str] | None = None) -> dict[str, str
         given += [f"{k}={v}" for k, v in REUSE_TUNABLES if k not in keys]
         out["GLIBC_TUNABLES"] = ":".join(given)
     return out
+
+
+def apply_jax_dispatch(mode: str) -> bool | None:
+    """Set JAX's CPU dispatch for this process (before its CPU client exists); return the setting in force.
+
+    ``None`` without JAX. ``"async"`` changes nothing (JAX's default, or what
+    the process chose); ``"sync"`` turns ``jax_cpu_enable_async_dispatch`` off.
+    """
+    if mode not in JAX_DISPATCH:
+        raise ValueError(f"jax_dispatch must be one of {JAX_DISPATCH}, got {mode!r}")
+    if importlib.util.find_spec("jax") is None:
+        return None
+    import jax
+
+    if mode == "sync":
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return bool(jax.config.values["jax_cpu_enable_async_dispatch"])
 
 
 def _apply_threads(n: int, isolated: bool) -> dict[str, Any]:
@@ -435,6 +458,7 @@ def run_threads(
     n = resolve_threads(setting)
     load0 = _loadavg()
     libs = _apply_threads(n, config.isolate)
+    async_dispatch = apply_jax_dispatch(config.jax_dispatch)
     tag = {"threads": n, "threads_setting": setting}
     prewarm(config)
     cases = plan(config)
@@ -474,6 +498,7 @@ def run_threads(
             "threads_by_library": libs,
             "env": {k: os.environ.get(k) for k in (*THREAD_VARS, "XLA_FLAGS", "GLIBC_TUNABLES")},
             "isolated": config.isolate,
+            "jax_async_dispatch": async_dispatch,
             "duration_s": time.perf_counter() - t0,
             "loadavg": [load0, _loadavg()],
             "kernel": _kernel_info(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from polycos.bench._suites import ALLOCATORS, DEVICES, DTYPES, KINDS, OPS
+from polycos.bench._suites import ALLOCATORS, DEVICES, DTYPES, JAX_DISPATCH, KINDS, OPS
 
 __all__ = ["RECORD", "SCHEMA", "validate"]
 
@@ -118,6 +118,7 @@ RUN: dict[str, Any] = {
         "threads_by_library": {"type": "object"},
         "env": {"type": "object", "additionalProperties": _STR_OR_NULL},
         "isolated": {"type": "boolean"},
+        "jax_async_dispatch": {"type": ["boolean", "null"]},  # as set in the run; null: no JAX
         "duration_s": _POS,
         "loadavg": {"type": "array"},
         "kernel": {"type": "object", "required": ["available"]},
@@ -197,6 +198,7 @@ SCHEMA: dict[str, Any] = {
                 "slow_rounds": {"type": "integer", "minimum": 1},
                 "isolate": {"type": "boolean"},
                 "allocator": {"enum": list(ALLOCATORS)},
+                "jax_dispatch": {"enum": list(JAX_DISPATCH)},
             },
         },
         "reference_threads": _SETTING,

@@ -45,7 +45,8 @@ of any installed library, at the case's thread count: reads by a full ``sum``
 of each array read, in the order above (``numpy.sum``, ``torch.sum``, ``jnp.sum``
 under ``jax.jit``), writes by filling a newly allocated array of each written
 shape (``ndarray.fill``, ``np.copyto``, ``torch.Tensor.fill_``): a new array,
-because every implementation must return new arrays. Whether it is reused
+because every implementation must return new arrays, and all of them alive
+until the call returns, as an op's outputs are. Whether it is reused
 memory or pages first-touched one fault at a time is the C allocator's choice
 (``--allocator``, :func:`polycos.bench._run.allocator_env`). Per round, the floor is
 the fastest reader plus the fastest writer of that round.
@@ -66,6 +67,7 @@ __all__ = [
     "DTYPES",
     "FLOOR",
     "ITEMSIZE",
+    "JAX_DISPATCH",
     "KINDS",
     "OPS",
     "PAIRWISE",
@@ -92,6 +94,9 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 KINDS: tuple[str, ...] = ("polycos", "peer", "floor", "floor-read", "floor-write")
 #: ``--allocator``: the measuring processes' C allocator (:func:`polycos.bench._run.allocator_env`).
 ALLOCATORS: tuple[str, ...] = ("system", "reuse")
+#: ``--jax-dispatch``: XLA:CPU runs a jitted call on a worker thread (``async``, JAX's default) or on
+#: the calling thread (``sync``: ``jax_cpu_enable_async_dispatch`` off), which also allocates its outputs.
+JAX_DISPATCH: tuple[str, ...] = ("async", "sync")
 
 #: Subjects a registry backend has besides its own name (framework drivers below).
 VARIANTS: dict[str, tuple[str, ...]] = {"torch": ("torch", "torch-compile", "torch-cuda")}
@@ -417,10 +422,16 @@ def _floor_numpy(b: _Builder, inp: Inputs) -> None:
           "x.sum() of each array read")
 
     def fill() -> Any:
-        return [np.empty(s, dt).fill(0) for s in writes]
+        out = [np.empty(s, dt) for s in writes]  # all alive at once, as an op's outputs are
+        for a in out:
+            a.fill(0)
+        return out
 
     def copyto() -> Any:
-        return [np.copyto(np.empty(s, dt), 0) for s in writes]
+        out = [np.empty(s, dt) for s in writes]
+        for a in out:
+            np.copyto(a, 0)
+        return out
 
     b.add("ndarray.fill", "floor-write", "numpy", lambda: fill, timer,
           "np.empty(shape).fill(0) of each array written")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from polycos.bench._suites import ALLOCATORS, DTYPES, OPS
+from polycos.bench._suites import ALLOCATORS, DTYPES, JAX_DISPATCH, OPS
 
 __all__ = ["DEFAULTS", "QUICK", "build_parser", "main"]
 
@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         "256 MiB for reuse (GLIBC_TUNABLES), so no library's new arrays first-touch fresh pages "
         "where another's reuse memory",
     )
+    bench.add_argument(
+        "--jax-dispatch", choices=JAX_DISPATCH, default="async",
+        help="where XLA:CPU runs each jitted call and allocates its outputs: 'async' (default, "
+        "JAX's), on a worker thread; 'sync' (jax_cpu_enable_async_dispatch off), on the calling "
+        "thread, like NumPy and torch",
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -306,6 +312,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str], prog: str = "pol
         slow=base["slow"],
         slow_rounds=base["slow_rounds"],
         allocator=args.allocator,
+        jax_dispatch=args.jax_dispatch,
         argv=[prog, *argv],
     )
 
