@@ -617,3 +617,28 @@ def test_floor_writers_return_every_written_array_alive_at_once() -> None:
         assert [tuple(getattr(a, "shape", ())) for a in out] == want, cand.name
         assert len({id(a) for a in out}) == len(out), cand.name
         assert all(float(abs(a).max()) == 0.0 for a in out), cand.name  # filled: zeros
+
+
+def test_cpu_timer_frees_each_result_before_the_next_call() -> None:
+    """Each call runs with the previous call's outputs freed (as the GPU timers' are), so no candidate
+    allocates its outputs while the last ones still hold memory."""
+    import weakref
+
+    from polycos.bench._timing import cpu_timer
+
+    class Result:
+        pass
+
+    last: list[weakref.ref] = []
+    alive_at_call: list[bool] = []
+
+    def fn() -> Result:
+        alive_at_call.append(bool(last) and last[-1]() is not None)
+        r = Result()
+        last.append(weakref.ref(r))
+        return r
+
+    synced: list[Result] = []
+    cpu_timer(lambda r: synced.append(type(r)))(fn, 5)  # sync sees each result, keeps only its type
+    assert alive_at_call == [False] * 5
+    assert synced == [Result] * 5

@@ -60,6 +60,7 @@ def cpu_timer(sync: Callable[[Any], Any] | None = None) -> Timer:
             out = fn()
             if sync is not None:
                 sync(out)
+            del out  # freed before the next call, as the GPU timers' results are
         return (time.perf_counter() - t0) / number
 
     return timer
