@@ -600,8 +600,7 @@ in_x64_p.multiple_results = True
 
 
 def _in_x64_abstract(*avals: Any, fn: _InX64) -> list:
-    with jax.enable_x64(True):
-        out = jax.eval_shape(fn, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))
+    out = jax.eval_shape(fn, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))  # fn enters the scope
     return [jax.core.ShapedArray(o.shape, o.dtype) for o in out]
 
 
@@ -615,7 +614,7 @@ def _in_x64_jit(fn: _InX64) -> Any:
 
 
 def _in_x64_lowering(ctx: Any, *operands: Any, fn: _InX64) -> Any:
-    with jax.enable_x64(True):
+    with jax.enable_x64(True):  # around the lowering too: the traced graph's float64 constants
         return mlir.lower_fun(fn, multiple_results=True)(ctx, *operands)
 
 

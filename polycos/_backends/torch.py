@@ -480,26 +480,25 @@ def _clamped_product(native: Any, h1: torch.Tensor, h2t: torch.Tensor, dtype: to
     A float32 result of float64 rows (float32 inputs) is formed on the CPU in
     blocks (``polycos._kernels.product_blocks``), each clamped and rounded into
     the result by the kernel in one pass while in cache: no float64 ``N x M``
-    matrix, whose fresh pages cost as much as the rounding. (Elsewhere rounding
-    first and then clamping gives the same values: rounding is monotone and
-    keeps +-1.)
+    matrix, whose fresh pages cost as much as the rounding. A float64 result
+    is the product itself, written into the result and clamped in place.
+    (Elsewhere rounding first and then clamping gives the same values:
+    rounding is monotone and keeps +-1.)
     """
-    if not isinstance(native, _CpuKernels):
+    same = h1.dtype == dtype  # float64 inputs
+    if not isinstance(native, _CpuKernels) or not (same or (h1.dtype == torch.float64 and dtype == torch.float32)):
         return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
     n, m = h1.shape[0], h2t.shape[1]
     (bn, bm), cap = native.k.product_blocks(n, m), native.k.PRODUCT_TILE_BYTES
-    if h1.dtype == dtype:  # float64: the product is the result, clamped in place
-        out = torch.empty((n, m), dtype=dtype)
-        if bn < n or bm < m:  # a large result: huge pages, not 4 KiB ones first-touched one by one
-            native.advise_huge_pages(out)
-        return torch.matmul(h1, h2t, out=out).clamp_(-1.0, 1.0)
-    if not (h1.dtype == torch.float64 and dtype == torch.float32):
-        return torch.matmul(h1, h2t).to(dtype).clamp_(-1.0, 1.0)
     out = torch.empty((n, m), dtype=dtype)
-    if bn >= n and bm >= m:  # one block: a fresh small one costs less than the cached one's bookkeeping
+    one_block = bn >= n and bm >= m
+    if not one_block:  # a large result: huge pages, not 4 KiB ones first-touched one fault at a time
+        native.advise_huge_pages(out)
+    if same:
+        return torch.matmul(h1, h2t, out=out).clamp_(-1.0, 1.0)
+    if one_block:  # a fresh small block costs less than the cached one's bookkeeping
         native.clamp_round(torch.matmul(h1, h2t), out)
         return out
-    native.advise_huge_pages(out)  # written a block at a time: 4 KiB pages would fault one by one
     tile = getattr(_TILE, "buf", None)
     if tile is None:  # (a block is at most `cap` bytes)
         with torch.inference_mode(False):  # a normal tensor: later calls outside inference mode write it
