@@ -260,8 +260,13 @@ def _expand_to(xp: Any, x: Array, ndim: int) -> Array:
 
 
 def _full_along(xp: Any, x: Array, axis: int, size: Any) -> Array:
-    """Broadcast ``x`` along the reduced axis only (``vecdot`` needs equal lengths there)."""
-    if x.shape[axis] == size:
+    """Broadcast ``x`` along the reduced axis only (``vecdot`` needs equal lengths there).
+
+    An unknown (dask NaN) length is taken to equal an unknown ``size``, as the
+    lazy library itself pairs such arrays chunk by chunk (it cannot broadcast them).
+    """
+    n = x.shape[axis]
+    if n == size or (n != n and size != size):
         return x
     shape = list(x.shape)
     shape[axis] = size

@@ -96,3 +96,43 @@ def test_two_workers() -> None:
     assert_matches_reference(s_np, a[:, None, :], b[None, :, :], -1, ulps=(8 + 4) / 2)
     assert_matches_reference(r_np, a, a[::-1])
     np.testing.assert_allclose(gx_np, polycos.pairwise_cosine_similarity_vjp(np.ones((30, 30)), a)[0], atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_unknown_row_counts_stay_lazy_and_match_numpy(dtype: str) -> None:
+    """After boolean indexing (shape ``(nan, D)``): row-wise values and gradients, with ``grad``
+    made from the result, and pairwise matrices and their VJPs, bit for bit NumPy's."""
+    y = np.random.default_rng(5).standard_normal((20, 3)).astype(dtype)
+    d = da.from_array(y, chunks=5)
+    sel = d[d[:, 0] > 0]
+    ys, ys2 = y[y[:, 0] > 0], y[y[:, 0] > 0] * 2 + 1
+    assert np.isnan(sel.shape[0])
+    s = polycos.cosine_similarity(sel, sel * 2 + 1)
+    g = polycos.cosine_similarity_vjp(da.ones_like(s), sel, sel * 2 + 1)
+    _, vjp = polycos.cosine_similarity_with_vjp(sel, sel * 2 + 1)
+    gv = vjp(s)
+    s_np, *gs = dask.compute(s, *g, *gv)
+    np.testing.assert_array_equal(s_np, polycos.cosine_similarity(ys, ys2))
+    want = polycos.cosine_similarity_vjp(np.ones(len(ys), dtype), ys, ys2)
+    want_v = polycos.cosine_similarity_vjp(s_np, ys, ys2)
+    for got, w in zip(gs, [*want, *want_v], strict=True):
+        np.testing.assert_array_equal(got, w)
+    # pairwise: the row axis of unknown length is paired block by block
+    p, q = polycos.pairwise_cosine_similarity(sel), polycos.pairwise_cosine_similarity(sel, d)
+    (gp,) = polycos.pairwise_cosine_similarity_vjp(p, sel)
+    gq = polycos.pairwise_cosine_similarity_vjp(q, sel, d)
+    p_np, q_np, gp_np, *gq_np = dask.compute(p, q, gp, *gq)
+    np.testing.assert_array_equal(p_np, polycos.pairwise_cosine_similarity(ys))
+    np.testing.assert_array_equal(q_np, polycos.pairwise_cosine_similarity(ys, y))
+    np.testing.assert_array_equal(gp_np, polycos.pairwise_cosine_similarity_vjp(p_np, ys)[0])
+    for got, w in zip(gq_np, polycos.pairwise_cosine_similarity_vjp(q_np, ys, y), strict=True):
+        np.testing.assert_array_equal(got, w)
+    # dim on the unknown axis: one chunk holds whole rows; several cannot be paired
+    one = da.from_array(y, chunks=20)
+    whole = one[one[:, 0] > 0]
+    assert len(whole.chunks[0]) == 1
+    np.testing.assert_array_equal(
+        polycos.cosine_similarity(whole, whole * 2 + 1, dim=0).compute(), polycos.cosine_similarity(ys, ys2, dim=0)
+    )
+    with pytest.raises(ValueError, match=r"dim indexes axis 0, of unknown length.*compute_chunk_sizes"):
+        polycos.cosine_similarity(sel, sel * 2 + 1, dim=0)

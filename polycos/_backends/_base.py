@@ -319,7 +319,7 @@ class Backend:
         return self.pairwise_forward_with_residuals(call.x1, call.x2, call.eps)
 
     def pairwise_call_vjp(self, grad: Array, call: PairwiseCall, residuals: Any = None) -> tuple[Array, Array | None]:
-        g = call.xp.broadcast_to(grad, call.shape)
+        g = grad if _core._same_shape(tuple(grad.shape), call.shape) else call.xp.broadcast_to(grad, call.shape)
         return self.pairwise_vjp(g, call.x1, call.x2, call.eps, residuals)
 
     # ------------------------------------------------------------------ conversions

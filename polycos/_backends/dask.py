@@ -35,12 +35,17 @@ def _known_chunks(x: Any) -> bool:
     return all(not math.isnan(c) for cs in x.chunks for c in cs)
 
 
+def _same_chunk_sizes(a: tuple, b: tuple) -> bool:
+    """One chunk structure, unknown (NaN) sizes in the same places."""
+    def key(chunks: tuple) -> tuple:
+        return tuple(tuple("?" if math.isnan(c) else c for c in cs) for cs in chunks)
+
+    return key(a) == key(b)
+
+
 def _same_chunks(x1: Any, x2: Any) -> bool:
     """One chunk structure, unknown (NaN) sizes in the same places."""
-    def key(x: Any) -> tuple:
-        return tuple(tuple("?" if math.isnan(c) else c for c in cs) for cs in x.chunks)
-
-    return key(x1) == key(x2)
+    return _same_chunk_sizes(x1.chunks, x2.chunks)
 
 
 class DaskBackend(Backend):
@@ -100,9 +105,18 @@ class DaskBackend(Backend):
         if _known(call.shape) and all(_known(tuple(x.shape)) and _known_chunks(x) for x in (x1, x2)):
             b1, b2 = da.broadcast_arrays(x1, x2)
             return b1.rechunk(whole), b2.rechunk(whole)
-        if not _known((call.shape[call.axis],)) or x1.ndim != x2.ndim or not _same_chunks(x1, x2):
+        if x1.ndim != x2.ndim or not _same_chunks(x1, x2):
             return None
-        return x1.rechunk(whole), x2.rechunk(whole)
+        if _known((call.shape[call.axis],)):
+            return x1.rechunk(whole), x2.rechunk(whole)
+        if len(x1.chunks[call.axis]) == 1:  # whole rows already
+            return x1, x2
+        # dask cannot rechunk an axis of unknown length (nor can anything pair its pieces)
+        raise ValueError(
+            f"dim indexes axis {call.axis}, of unknown length and split into {len(x1.chunks[call.axis])} "
+            f"chunks (x1.chunks[{call.axis}] = {x1.chunks[call.axis]}): polycos needs whole rows along "
+            "dim; call x1.compute_chunk_sizes() and x2.compute_chunk_sizes() first"
+        )
 
     def rowwise_forward(self, call: Call) -> tuple[Any, Any]:
         chunked = self._chunked(call)
@@ -129,7 +143,7 @@ class DaskBackend(Backend):
         numpy = get("numpy")
         axis, eps = call.axis, call.eps
         acc = _core.accumulation_dtype(np, call.dtype)
-        gk = da.expand_dims(g, axis)
+        gk = g[(slice(None),) * axis + (None,)]  # (indexing, not expand_dims: unknown sizes stay unknown)
         if _known_chunks(b1) and _known(tuple(gk.shape)):
             gk = da.broadcast_to(gk, tuple(1 if i == axis else d for i, d in enumerate(b1.shape)))
             gk = gk.rechunk(tuple(1 if i == axis else c for i, c in enumerate(b1.chunks)))
@@ -150,9 +164,18 @@ class DaskBackend(Backend):
     # ------------------------------------------------------------------ pairwise: blockwise NumPy
 
     def _pairwise_blocks(self, x1: Any, x2: Any | None) -> tuple[Any, Any, str] | None:
-        """Rows whole along D, the same batch shape, NumPy chunks: the blockwise route (else ``None``)."""
+        """Rows whole along D, the same batch shape, NumPy chunks: the blockwise route (else ``None``).
+
+        The row axis may have unknown (NaN) chunk sizes (after boolean indexing):
+        each block of ``S`` pairs whole row blocks, whatever their lengths.
+        """
         pair = (x1,) if x2 is None else (x1, x2)
-        if not all(isinstance(x._meta, np.ndarray) and _known(tuple(x.shape)) and _known_chunks(x) for x in pair):
+
+        def known_but_rows(x: Any) -> bool:
+            return all(i == x.ndim - 2 or (_known((x.shape[i],)) and not any(map(math.isnan, cs)))
+                       for i, cs in enumerate(x.chunks))
+
+        if not all(isinstance(x._meta, np.ndarray) and known_but_rows(x) for x in pair):
             return None
         if any(0 in tuple(x.shape) for x in pair):  # an empty result: the core returns at once
             return None
@@ -188,7 +211,17 @@ class DaskBackend(Backend):
 
         r1, r2, b = blocks
         numpy = get("numpy")
-        gr = g.rechunk(tuple((*r1.chunks[:-1], r2.chunks[-2])))
+        want = (*r1.chunks[:-1], r2.chunks[-2])
+        if _same_chunk_sizes(g.chunks, want):
+            gr = g
+        elif all(not math.isnan(c) for cs in (*want, *g.chunks) for c in cs):
+            gr = g.rechunk(want)
+        else:
+            raise ValueError(
+                f"grad has chunks {g.chunks} and the similarity matrix {tuple(want)}: with unknown "
+                "row counts, pass grad chunked as the result (e.g. made from it), or call "
+                "compute_chunk_sizes() on the inputs first"
+            )
         meta = np.empty((0,) * x1.ndim, dtype=x1.dtype)
 
         def side(which: int) -> Any:
