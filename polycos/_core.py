@@ -68,7 +68,10 @@ float64. Two flags follow from the pair: **compensated**
    is divided by the scale (at least the smallest normal number) before
    :math:`u_i` multiplies it, so nothing overflows or underflows unless the
    gradient itself does (not :math:`g / c` alone: parallel rows of tiny norm
-   have a zero gradient).
+   have a zero gradient). Where :math:`g\,r_i` itself overflows with a finite
+   :math:`g` (rescaled dtypes: :math:`g` near the top of the range, a row of
+   small norm), :math:`u_i = (g\,2^{-k})\,r_i` and the product is multiplied
+   by :math:`p_i = 2^k` last (:data:`_GRAD_SHIFT`; :math:`p_i = 1` elsewhere).
 
 NaN and inf: the clamp and the maximum keep NaN, ``0/0`` becomes ``0`` only
 where a denominator is exactly zero, so a NaN or inf in a row gives NaN in that
@@ -680,7 +683,7 @@ def unpack_residuals(xp: Any, packed: Array, axis: int) -> Residuals:
 
 
 class GradCoefficients(NamedTuple):
-    """Per-row scalars of the VJP: ``d1 = u1 ((h2 - t1 h1) / m1)`` with ``h = (a / m) r`` (and 1 <-> 2)."""
+    """Per-row scalars of the VJP: ``d1 = (u1 ((h2 - t1 h1) / m1)) p1`` with ``h = (a / m) r`` (and 1 <-> 2)."""
 
     u1: Array  #: g / c1 (0 where c1 == 0), c1 in units of m1
     u2: Array  #: g / c2
@@ -690,6 +693,15 @@ class GradCoefficients(NamedTuple):
     t2: Array  #: [n2s > eps / m2] s
     m1: Array  #: row scale of x1
     m2: Array  #: row scale of x2
+    p1: Array  #: ``2**k`` where ``u1`` is shifted down by it (:data:`_GRAD_SHIFT`), else 1
+    p2: Array  #: the same for ``u2``
+
+
+#: Rescaled accumulation dtypes (bits -> k): where ``u = g / c`` overflows while the
+#: gradient need not (a finite ``g`` near the top of the range and ``c`` of a row in the
+#: safe range, down to ``2**-230`` in float64, ``2**-20`` in float32), ``u = (g 2**-k) / c``
+#: and the last product is multiplied by ``2**k``: exact scalings, one rounding.
+_GRAD_SHIFT = {64: 512, 32: 64}
 
 
 def grad_coefficients(
@@ -709,17 +721,25 @@ def grad_coefficients(
         zero = cs == 0  # eps = 0 and a zero vector: h stays 0 and so does the gradient
         r = 1 / xp.where(zero, xp.ones_like(cs), cs)
         u = xp.where(zero, xp.zeros_like(g), g * r)
-        return u, r, xp.where(ns > e, s, xp.zeros_like(s))
+        p = xp.ones_like(u)
+        if rescaled:
+            info = xp.finfo(s.dtype)
+            k = _GRAD_SHIFT[info.bits]
+            top = float(info.max)
+            over = (g <= top) & (g >= -top) & ((u > top) | (u < -top))
+            u = xp.where(over, (g * 2.0**-k) * r, u)
+            p = xp.where(over, xp.full_like(p, 2.0**k), p)
+        return u, r, xp.where(ns > e, s, xp.zeros_like(s)), p
 
-    u1, r1, t1 = side(n1s, m1)
-    u2, r2, t2 = side(n2s, m2)
-    return GradCoefficients(u1, u2, r1, r2, t1, t2, m1, m2)
+    u1, r1, t1, p1 = side(n1s, m1)
+    u2, r2, t2, p2 = side(n2s, m2)
+    return GradCoefficients(u1, u2, r1, r2, t1, t2, m1, m2, p1, p2)
 
 
 def grad_elementwise(
     xp: Any, a1: Array, a2: Array, k: GradCoefficients, *, rescaled: bool
 ) -> tuple[Array, Array]:
-    """Step 4's elementwise pass, in the accumulation dtype: ``d1 = u1 ((h2 - t1 h1) / m1)`` and 1 <-> 2.
+    """Step 4's elementwise pass, in the accumulation dtype: ``d1 = (u1 ((h2 - t1 h1) / m1)) p1`` and 1 <-> 2.
 
     ``h = (a / m) r`` is bounded by 1 in magnitude and the row scale is applied
     last, so nothing overflows or underflows unless the gradient itself does
@@ -728,11 +748,11 @@ def grad_elementwise(
     """
     if not rescaled:
         h1, h2 = a1 * k.r1, a2 * k.r2
-        return k.u1 * (h2 - k.t1 * h1), k.u2 * (h1 - k.t2 * h2)
+        return (k.u1 * (h2 - k.t1 * h1)) * k.p1, (k.u2 * (h1 - k.t2 * h2)) * k.p2
     h1, h2 = (a1 / k.m1) * k.r1, (a2 / k.m2) * k.r2
     # The bracket (|.| <= 2) over m (>= the smallest normal: no overflow) before u multiplies
     # it: u * bracket could underflow first where the gradient itself is a normal number.
-    return k.u1 * ((h2 - k.t1 * h1) / k.m1), k.u2 * ((h1 - k.t2 * h2) / k.m2)
+    return (k.u1 * ((h2 - k.t1 * h1) / k.m1)) * k.p1, (k.u2 * ((h1 - k.t2 * h2) / k.m2)) * k.p2
 
 
 def vjp(
@@ -1005,16 +1025,26 @@ def row_normalize_vjp(xp: Any, r: RowNorms, v: Array, eps: float, h: Array | Non
     With :math:`v_i = \sum_j g_{ij} \hat x_{2j}`, this is the row-wise VJP summed
     over the partner rows, as it must be. Computed in the dtype of ``h``
     (``r.xhat`` cast by the caller; the accumulation dtype by default), the
-    row scale applied last (G3).
+    row scale applied last (G3). A rescaled row at or below ``eps`` is
+    :math:`v / \varepsilon` directly: there :math:`c / m = \varepsilon / m`, and
+    :math:`(v\,m / \varepsilon) / m` would underflow before the row scale
+    brings it back (a float64 row of 1e-200 with ``eps = 1``).
     """
     eps = _eps_for(xp, r.cs.dtype, eps)
     h = r.xhat if h is None else h
     v = xp.astype(v, h.dtype, copy=False)
+    above = _row_above(xp, r, eps)
     proj = xp.expand_dims(xp.vecdot(h, v, axis=-1), axis=h.ndim - 1)
-    proj = xp.where(_row_above(xp, r, eps), proj, xp.zeros_like(proj))
+    proj = xp.where(above, proj, xp.zeros_like(proj))
     inv = xp.astype(_safe_divide(xp, xp.ones_like(r.cs), r.cs), h.dtype, copy=False)  # 1 / c in units of m
     d = (v - proj * h) * inv
-    return d if r.m is None else d / xp.astype(r.m, h.dtype, copy=False)
+    if r.m is None:
+        return d
+    d = d / xp.astype(r.m, h.dtype, copy=False)
+    if eps == 0:  # only zero rows are at or below 0, and their gradient is 0
+        return d
+    below = r.ns <= eps / r.m  # (not ~above: a NaN row stays NaN)
+    return xp.where(below, v / eps, d)
 
 
 MatMul = Callable[[Array, Array], Array]

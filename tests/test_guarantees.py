@@ -24,6 +24,7 @@ from polycos.testing import (
     cosine_inputs,
     exact_reference,
     reference,
+    reference_vjp,
     to_numpy,
 )
 
@@ -178,6 +179,59 @@ def test_scale_safe_over_the_whole_finite_range(info: BackendInfo, dtype: str) -
     grads = polycos.cosine_similarity_vjp(info.array(g, dtype), a1, a2, eps=0.0)
     if not info.grad_flushes_subnormals:
         assert_vjp_matches_reference(grads, g, v1, v2, 1, 0.0, ulps=4)
+
+
+def _assert_close_per_row(got: np.ndarray, ref: np.ndarray, dtype: str, what: str) -> None:
+    """Finite, and within 32 ulp(1.0) of each row's largest entry (the tolerance of :func:`assert_vjp_matches_reference`)."""
+    assert np.isfinite(got).all(), f"{what}: {got}"
+    top = np.max(np.abs(ref), axis=-1, keepdims=True)
+    ulp = 2.0 ** -{"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}[dtype]
+    assert (np.abs(got - ref) <= 32 * ulp * top).all(), f"{what}: {got} != {ref}"
+
+
+@backends
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_pairwise_gradients_of_rows_far_below_eps(info: BackendInfo, dtype: str) -> None:
+    """G3/G5: rows far below ``eps`` (both spellings of pairwise) have the gradient ``G x2 / eps**2``.
+
+    For rescaled dtypes the normalisation's VJP once took ``1 / c`` in units of the
+    row scale (``m / eps``) and divided by ``m`` after: the product underflowed to 0.
+    """
+    if dtype not in info.dtypes:
+        pytest.skip(f"{info.name} does not compute in {dtype} here")
+    tiny = 2.0 ** {"bfloat16": -110, "float32": -110, "float64": -700}[dtype]
+    r = np.random.default_rng(11)
+    x1 = _round_to(r.uniform(0.5, 1.0, (3, 4)) * tiny, dtype)
+    x2 = _round_to(r.uniform(0.5, 1.0, (2, 4)) * tiny, dtype)
+    g = _round_to(r.uniform(0.5, 1.0, (3, 2)), dtype)
+    a1, a2, ga = info.array(x1, dtype), info.array(x2, dtype), info.array(g, dtype)
+    v1, v2, gv = (to_numpy(a).astype(np.float64) for a in (a1, a2, ga))
+    eps = 2.0
+    want = (gv @ v2 / eps**2, gv.T @ v1 / eps**2)  # c = eps for every row: S = x1 x2^T / eps**2
+    got = polycos.pairwise_cosine_similarity_vjp(ga, a1, a2, eps=eps)
+    b1, b2 = info.array(x1[:, None, :], dtype), info.array(x2[None, :, :], dtype)
+    outer = polycos.cosine_similarity_vjp(ga, b1, b2, dim=-1, eps=eps)
+    for spelling, pair in (("pairwise", got), ("outer broadcast", outer)):
+        for d, w in zip(pair, want, strict=True):
+            _assert_close_per_row(to_numpy(d).astype(np.float64).reshape(w.shape), w, dtype, spelling)
+
+
+@backends
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_gradient_finite_when_the_cotangent_over_the_norm_is_not(info: BackendInfo, dtype: str) -> None:
+    """G3 for gradients: a cotangent near the top of the range and a row of small norm (in the
+    safe range, so not rescaled): ``g / ||x1||`` overflows, the gradient does not."""
+    if dtype not in info.dtypes:
+        pytest.skip(f"{info.name} does not compute in {dtype} here")
+    small, big = {"bfloat16": (-18, 112), "float64": (-200, 826)}[dtype]
+    x1 = _round_to(np.array([[2.0**small, 0.0, 0.0], [1.0, 0.0, 0.0]]), dtype)
+    x2 = _round_to(np.array([[1.0, 2.0**-7, 0.0], [1.0, 0.5, 0.25]]), dtype)
+    g = _round_to(np.array([2.0**big, 1.0]), dtype)
+    a1, a2 = info.array(x1, dtype), info.array(x2, dtype)
+    got = polycos.cosine_similarity_vjp(info.array(g, dtype), a1, a2, eps=0.0)
+    unit = reference_vjp(np.ones(2), x1.astype(np.float64), x2.astype(np.float64), 1, 0.0)
+    for d, u in zip(got, unit, strict=True):
+        _assert_close_per_row(to_numpy(d).astype(np.float64), u * g.astype(np.float64)[:, None], dtype, "vjp")
 
 
 @backends

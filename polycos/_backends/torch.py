@@ -770,7 +770,14 @@ def _row_normalize_vjp(v: torch.Tensor, h: torch.Tensor, stats: torch.Tensor, ep
     proj = torch.linalg.vecdot(h, v).unsqueeze(-1).masked_fill_(above.logical_not_(), 0.0)  # 0 at or below eps
     inv = cs.reciprocal().masked_fill_(cs == 0, 0.0).to(h.dtype)  # 1 / c, 0 where c = 0 (eps = 0, zero row)
     d = (v - proj * h) * inv
-    return d / stats[2].to(h.dtype) if rescaled else d
+    if not rescaled:
+        return d
+    d = d / stats[2].to(h.dtype)
+    if eps == 0:
+        return d
+    # at or below eps: v / eps (no underflow through m; a NaN row stays NaN); a tensor divisor, so
+    # torch divides (no reciprocal)
+    return torch.where(ns <= eps / stats[2], v / v.new_full((1,), eps), d)
 
 
 def _cache_signature(fn: Any) -> None:

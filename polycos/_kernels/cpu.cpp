@@ -2293,7 +2293,8 @@ template <class Cf> void normalize_dispatch(const Call& c, i64 r0, i64 r1) {
 // above = ns > eps / m; proj = above ? <h, v> : 0 (summed in A in 8 lanes,
 // combined by a fixed tree: more accurate than W, and the same bits on every
 // clone); inv = 1 / cs (0 where cs == 0) rounded to W;
-// d = ((v - proj h) inv) / m, in W.
+// d = ((v - proj h) inv) / m, in W; a rescaled row at or below eps > 0 is
+// v / eps (inv / m would underflow first).
 template <typename W, typename A>
 void normalize_vjp_rows(const Call& c, i64 r0, i64 r1) {
     const i64 n = c.plan.n;
@@ -2306,7 +2307,8 @@ void normalize_vjp_rows(const Call& c, i64 r0, i64 r1) {
         const W* v = (const W*)c.x2 + r * n;
         W* d = (W*)c.out + r * n;
         const A m = ms ? ms[r] : A(1);
-        const bool above = ns[r] > (ms ? eps / m : eps);
+        const A e = ms ? eps / m : eps;
+        const bool above = ns[r] > e;
         W proj = W(0);
         if (above) {
             A acc[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
@@ -2319,7 +2321,10 @@ void normalize_vjp_rows(const Call& c, i64 r0, i64 r1) {
         const A csr = cs[r];
         const W inv = W(csr == A(0) ? A(0) : A(1) / csr);
         const W wm = W(m);
-        if (ms && wm != W(1)) {
+        if (ms && ns[r] <= e && eps != A(0)) {  // (not !above: a NaN row stays NaN)
+            const W we = W(eps);
+            for (i64 k = 0; k < n; ++k) d[k] = v[k] / we;
+        } else if (ms && wm != W(1)) {
             for (i64 k = 0; k < n; ++k) d[k] = ((v[k] - proj * h[k]) * inv) / wm;
         } else {
             for (i64 k = 0; k < n; ++k) d[k] = (v[k] - proj * h[k]) * inv;

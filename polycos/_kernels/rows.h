@@ -120,12 +120,16 @@ template <> struct Lim<float> {
     static PC_HD float tiny() { return 0x1p-126f; }
     static PC_HD float lo_th() { return 0x1p-40f; }
     static PC_HD float hi_th() { return 0x1.fffffep+61f; }
+    static PC_HD float down() { return 0x1p-64f; }  // _core._GRAD_SHIFT: g / c past max
+    static PC_HD float up() { return 0x1p+64f; }
 };
 template <> struct Lim<double> {
     static PC_HD double max() { return 0x1.fffffffffffffp+1023; }
     static PC_HD double tiny() { return 0x1p-1022; }
     static PC_HD double lo_th() { return 0x1p-459; }
     static PC_HD double hi_th() { return 0x1.fffffffffffffp+509; }
+    static PC_HD double down() { return 0x1p-512; }
+    static PC_HD double up() { return 0x1p+512; }
 };
 
 // ------------------------------------------------------------------ error-free transformations
@@ -247,13 +251,14 @@ PC_HD Res5<V> finish(V w12, V w11, V w22, V l12, V l11, V l22, V m1, V m2, V eps
 
 // ------------------------------------------------------------------ backward
 
-// _core.GradCoefficients for one row: d1 = u1 ((h2 - t1 h1) / m1) and
-// d2 = u2 ((h1 - t2 h2) / m2), with h = (x / m) r.
+// _core.GradCoefficients for one row: d1 = (u1 ((h2 - t1 h1) / m1)) p1 and
+// d2 = (u2 ((h1 - t2 h2) / m2)) p2, with h = (x / m) r.
 template <typename V> struct GradCoefs {
-    V u1, u2;  // g / c, 0 where cs == 0 (a zero vector with eps = 0)
+    V u1, u2;  // g / c, 0 where cs == 0 (a zero vector with eps = 0); g 2^-k / c past max
     V r1, r2;  // 1 / c, c = max(ns, eps/m) (1 where that is 0)
     V t1, t2;  // [ns > eps/m] s
     V m1, m2;  // the row scales (1 without rescaling)
+    V p1, p2;  // 2^k where u is shifted, else 1
 };
 
 // _core.grad_coefficients for one row. R: the dtype may be rescaled (else
@@ -269,6 +274,21 @@ PC_HD GradCoefs<V> grad_coefficients(V g, const Res5<V>& res, V eps) {
     k.r2 = splat<V>(1) / c2;
     k.u1 = (cs1 == 0) ? V{} : g * k.r1;
     k.u2 = (cs2 == 0) ? V{} : g * k.r2;
+    k.p1 = splat<V>(1);
+    k.p2 = splat<V>(1);
+    if (R) {
+        // g / c overflows where the gradient need not (a finite g near max, c of a row in the
+        // safe range, down to 2^-230 / 2^-20): then g 2^-k / c, and 2^k after the last product.
+        typedef typename ScalarOf<V>::type A;
+        const V top = splat<V>(Lim<A>::max());
+        const auto finite = (g <= top) & (g >= -top);
+        const auto over1 = finite & ((k.u1 > top) | (k.u1 < -top));
+        const auto over2 = finite & ((k.u2 > top) | (k.u2 < -top));
+        k.u1 = over1 ? (g * splat<V>(Lim<A>::down())) * k.r1 : k.u1;
+        k.u2 = over2 ? (g * splat<V>(Lim<A>::down())) * k.r2 : k.u2;
+        k.p1 = over1 ? splat<V>(Lim<A>::up()) : k.p1;
+        k.p2 = over2 ? splat<V>(Lim<A>::up()) : k.p2;
+    }
     k.t1 = (res.n1s > e1) ? res.s : V{};
     k.t2 = (res.n2s > e2) ? res.s : V{};
     k.m1 = res.m1;
@@ -288,13 +308,13 @@ PC_HD void grad_element(V a1, V a2, const K& k, V& d1, V& d2) {
     if (DIV) {
         const V h1 = (a1 / k.m1) * k.r1;
         const V h2 = (a2 / k.m2) * k.r2;
-        d1 = k.u1 * ((h2 - k.t1 * h1) / k.m1);
-        d2 = k.u2 * ((h1 - k.t2 * h2) / k.m2);
+        d1 = (k.u1 * ((h2 - k.t1 * h1) / k.m1)) * k.p1;
+        d2 = (k.u2 * ((h1 - k.t2 * h2) / k.m2)) * k.p2;
     } else {
         const V h1 = a1 * k.r1;
         const V h2 = a2 * k.r2;
-        d1 = k.u1 * (h2 - k.t1 * h1);
-        d2 = k.u2 * (h1 - k.t2 * h2);
+        d1 = (k.u1 * (h2 - k.t1 * h1)) * k.p1;
+        d2 = (k.u2 * (h1 - k.t2 * h2)) * k.p2;
     }
 }
 
