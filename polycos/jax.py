@@ -34,7 +34,7 @@ import numpy as np
 
 from polycos import _validate
 
-__all__ = ["cosine_similarity", "pairwise_cosine_similarity"]
+__all__ = ["cosine_similarity", "export_safety_checks", "pairwise_cosine_similarity"]
 
 
 def _as_jax(**xs: Any) -> list[Any]:
@@ -88,3 +88,25 @@ def pairwise_cosine_similarity(x1: jax.Array, x2: jax.Array | None = None, *, ep
     _static_eps(eps)
     call = _validate.validate_pairwise(x1, x2, eps)
     return call.backend.pairwise(call)
+
+
+def export_safety_checks() -> list[Any]:
+    """The :class:`jax.export.DisabledSafetyCheck` list that :func:`jax.export.export` needs for polycos.
+
+    On CPU the kernel is an XLA FFI custom call, which JAX only serialises when
+    told that its target needs no compatibility guarantee: the exported code
+    runs where polycos (the same version) is installed, as any FFI extension's.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax import export
+    >>> from polycos.jax import cosine_similarity, export_safety_checks
+    >>> rows = jax.ShapeDtypeStruct(export.symbolic_shape("n, 8"), jnp.float32)
+    >>> exp = export.export(jax.jit(cosine_similarity), disabled_checks=export_safety_checks())(rows, rows)
+    >>> exp.call(jnp.ones((3, 8)), jnp.ones((3, 8))).tolist()
+    [1.0, 1.0, 1.0]
+    """
+    from jax import export
+
+    from polycos._kernels import _FFI_TARGETS
+
+    return [export.DisabledSafetyCheck.custom_call(name) for name in _FFI_TARGETS]

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import warnings
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pytest
@@ -661,3 +662,58 @@ def test_vmap_of_pairwise_is_a_loop(n: int) -> None:
 
 def _close_gradients(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want).max())))
+
+
+def test_export_with_symbolic_rows_runs_the_kernel_and_matches_jit() -> None:
+    """``jax.export`` with ``polycos.jax.export_safety_checks()``: row-wise (value and grad) with a
+    symbolic row count; pairwise with concrete shapes (x64 off) and symbolic ones (x64 on); float32
+    pairwise with symbolic shapes and x64 off raises a clear error instead of failing to lower."""
+    from jax import export
+
+    from polycos.jax import export_safety_checks
+
+    checks = export_safety_checks()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 8)), jnp.float32)
+    rows = jax.ShapeDtypeStruct(export.symbolic_shape("n, 8"), jnp.float32)
+    fixed = jax.ShapeDtypeStruct((5, 8), jnp.float32)
+
+    def value(a: jax.Array, b: jax.Array) -> jax.Array:
+        return polycos.cosine_similarity(a, b)
+
+    def pairwise(a: jax.Array) -> jax.Array:
+        return polycos.pairwise_cosine_similarity(a)
+
+    grad = jax.grad(lambda a, b: value(a, b).sum())
+    with pytest.raises(ValueError, match="custom call"):  # why the checks are needed
+        export.export(jax.jit(value))(rows, rows)
+    for f, args in ((value, (rows, rows)), (grad, (rows, rows)), (pairwise, (fixed,))):
+        exp = export.export(jax.jit(f), disabled_checks=checks)(*args)
+        assert "polycos_" in exp.mlir_module()  # the kernel is in the exported code
+        ins = [x, x[::-1]][: len(args)]
+        np.testing.assert_array_equal(np.asarray(exp.call(*ins)), np.asarray(jax.jit(f)(*ins)))
+    with pytest.raises(NotImplementedError, match="symbolic shapes needs jax_enable_x64"):
+        export.export(jax.jit(pairwise), disabled_checks=checks)(rows)
+    with jax.enable_x64(True):
+        exp = export.export(jax.jit(pairwise), disabled_checks=checks)(rows)
+        np.testing.assert_array_equal(np.asarray(exp.call(x)), np.asarray(jax.jit(pairwise)(x)))
+
+
+def test_shard_map_value_gradient_and_tangent_match_unsharded() -> None:
+    """Inside ``jax.shard_map`` (varying manual axes checked): the kernel's results carry the
+    inputs' varying axes, as the core's do, so value, ``grad``, ``jvp`` and pairwise trace and match."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+    a = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)), jnp.float32)
+    b = a[::-1] + 1
+
+    def rows(f: Any) -> Any:
+        return jax.shard_map(f, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d"))
+
+    value = lambda u, v: polycos.cosine_similarity(u, v)  # noqa: E731
+    grad = jax.grad(lambda u, v: value(u, v).sum())
+    tangent = lambda u, v: jax.jvp(lambda w: value(w, v), (u,), (u,))[1]  # noqa: E731
+    pair = lambda u, v: polycos.pairwise_cosine_similarity(u, v)  # noqa: E731
+    for f in (value, grad, tangent, pair):
+        np.testing.assert_array_equal(np.asarray(jax.jit(rows(f))(a, b)), np.asarray(jax.jit(f)(a, b)))

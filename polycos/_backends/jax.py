@@ -169,7 +169,33 @@ def _by_platform(kernel: Any, core: Any, *args: jax.Array) -> Any:
     """``kernel(*args)`` on CPU, ``core(*args)`` elsewhere (chosen at lowering); ``core`` without the kernel."""
     if _kernels() is None:
         return core(*args)
-    return lax.platform_dependent(*args, cpu=kernel, default=core)
+    return lax.platform_dependent(*args, cpu=lambda *a: _varying_as(kernel(*a), a), default=core)
+
+
+def _varying(x: Any) -> frozenset:
+    """The ``shard_map`` mesh axes along which ``x`` (an array or abstract value) varies (empty outside ``shard_map``)."""
+    t = x if isinstance(x, jax.core.AbstractValue) else jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
+def _varying_as(outs: Any, ins: tuple) -> Any:
+    """``outs`` marked varying along every axis an input varies along, as the core's results are.
+
+    An FFI call's results carry no such type inside ``shard_map``; without it the two branches of
+    :func:`jax.lax.platform_dependent` have different types, and tracing fails.
+    """
+    if not hasattr(lax, "pcast") or not hasattr(jax, "typeof"):  # (older JAX: no varying types)
+        return outs
+    want = frozenset().union(*(_varying(x) for x in ins))
+    if not want:
+        return outs
+
+    def mark(o: jax.Array) -> jax.Array:
+        missing = tuple(sorted(want - _varying(o)))
+        return lax.pcast(o, missing, to="varying") if missing else o
+
+    return jax.tree.map(mark, outs)
 
 
 def _core_primal(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -295,7 +321,18 @@ _tangent_core_jit = jax.jit(_tangent_core, static_argnames=("axis", "eps", "pres
 
 
 def _tangent_abstract(*avals: Any, dtype: Any, **params: Any) -> Any:
-    return jax.core.ShapedArray(_tangent_shape(*(a.shape for a in avals), **params), dtype)
+    return _aval_like(avals, _tangent_shape(*(a.shape for a in avals), **params), dtype)
+
+
+def _aval_like(avals: tuple, shape: tuple, dtype: Any) -> Any:
+    """A result of ``shape`` and ``dtype`` that varies along the ``shard_map`` mesh axes its operands do."""
+    varying = frozenset().union(*(_varying(a) for a in avals)) if hasattr(jax, "typeof") else frozenset()
+    if not varying:
+        return jax.core.ShapedArray(shape, dtype)
+    like = next(a for a in avals if _varying(a) == varying)
+    mesh = like.sharding.mesh
+    return like.update(shape=shape, dtype=dtype, weak_type=False,
+                       sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*[None] * len(shape))))
 
 
 def _tangent_transpose(ct: Any, *operands: Any, axis: int, eps: float, present: tuple, dtype: Any) -> list:
@@ -445,6 +482,8 @@ def _product(h1: jax.Array, h2: jax.Array | None, dtype: Any) -> jax.Array:
 
     other = h1 if h2 is None else h2
     n, m = h1.shape[-2], other.shape[-2]
+    if not (type(n) is int and type(m) is int):  # symbolic sizes (jax.export): one product
+        return _core.pairwise_product(xp, h1, h2, dtype)
     rows = product_blocks(n, m)[0]
     if h1.ndim != 2 or other.ndim != 2 or h1.dtype == dtype or rows >= n:
         return _core.pairwise_product(xp, h1, h2, dtype)
@@ -484,8 +523,19 @@ def _tmatmul(a: jax.Array, b: jax.Array) -> jax.Array:
 def pairwise(x1: jax.Array, x2: jax.Array | None, eps: float) -> jax.Array:
     """The similarity matrix (:func:`polycos._core.pairwise_forward`); ``x2=None``: ``x1`` itself."""
     if _scoped(x1.dtype):
+        _no_symbolic_sizes(x1, x2)
         return in_x64_p.bind(*_present(x1, x2), fn=_InX64(_pairwise_core, eps))[0]
     return _pairwise_core(x1, *_present(x2), eps=eps)[0]
+
+
+def _no_symbolic_sizes(*xs: jax.Array | None) -> None:
+    """Symbolic sizes (``jax.export`` shape polymorphism) cannot enter the scoped float64 code."""
+    if any(type(d) is not int for x in xs if x is not None for d in x.shape):
+        raise NotImplementedError(
+            "float32 pairwise similarity with symbolic shapes needs jax_enable_x64: its float64 "
+            "product runs in a scoped float64 that JAX's shape polymorphism cannot enter (dimension "
+            "variables of two integer widths); export with concrete shapes, or with x64 enabled"
+        )
 
 
 def _pairwise_fwd(x1: jax.Array, x2: jax.Array | None, eps: float) -> tuple[jax.Array, Any]:
@@ -502,6 +552,7 @@ def _pairwise_bwd(eps: float, saved: Any, g: jax.Array) -> tuple:
 def pairwise_vjp(g: jax.Array, x1: jax.Array, x2: jax.Array | None, eps: float) -> tuple[jax.Array, jax.Array | None]:
     """``(dx1, dx2)`` of ``sum(g * pairwise(x1, x2))`` (:func:`polycos._core.pairwise_vjp`); ``dx2`` ``None`` for ``x2=None``."""
     if _scoped(x1.dtype):
+        _no_symbolic_sizes(g, x1, x2)
         d = in_x64_p.bind(g, *_present(x1, x2), fn=_InX64(_pairwise_vjp_core, eps))
     else:
         d = _pairwise_vjp_core(g, x1, *_present(x2), eps=eps)
@@ -601,7 +652,7 @@ in_x64_p.multiple_results = True
 
 def _in_x64_abstract(*avals: Any, fn: _InX64) -> list:
     out = jax.eval_shape(fn, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))  # fn enters the scope
-    return [jax.core.ShapedArray(o.shape, o.dtype) for o in out]
+    return [_aval_like(avals, o.shape, o.dtype) for o in out]
 
 
 def _in_x64_eager(*operands: jax.Array, fn: _InX64) -> Any:
