@@ -81,7 +81,7 @@ def cosine_similarity(
 
 
 def pairwise_cosine_similarity(x1: jax.Array, x2: jax.Array | None = None, *, eps: float = 1e-8) -> jax.Array:
-    """:func:`polycos.pairwise_cosine_similarity` for JAX arrays (a ``jax.custom_vjp``)."""
+    """:func:`polycos.pairwise_cosine_similarity` for JAX arrays (a ``jax.custom_jvp``: forward and reverse mode)."""
     (x1,) = _as_jax(x1=x1)
     if x2 is not None:
         (x2,) = _as_jax(x2=x2)

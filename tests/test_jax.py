@@ -717,3 +717,39 @@ def test_shard_map_value_gradient_and_tangent_match_unsharded() -> None:
     pair = lambda u, v: polycos.pairwise_cosine_similarity(u, v)  # noqa: E731
     for f in (value, grad, tangent, pair):
         np.testing.assert_array_equal(np.asarray(jax.jit(rows(f))(a, b)), np.asarray(jax.jit(f)(a, b)))
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_pairwise_forward_mode_any_order(x64: bool) -> None:
+    """``jvp``, ``jacfwd`` and ``hessian`` of pairwise similarity (both spellings, self and two
+    inputs) against plain jnp normalise-then-multiply, ``check_grads`` to order 2 in both modes,
+    under ``vmap`` and ``jit``; reverse mode unchanged (the transposed tangent is the VJP)."""
+    with jax.enable_x64(x64):
+        dt = jnp.float64 if x64 else jnp.float32
+        x = jax.random.normal(jax.random.key(0), (4, 3), dt)
+        y = jax.random.normal(jax.random.key(1), (5, 3), dt)
+
+        def plain(a: jax.Array, b: jax.Array | None = None) -> jax.Array:
+            b = a if b is None else b
+            return (a / jnp.linalg.norm(a, axis=-1, keepdims=True)) @ (b / jnp.linalg.norm(b, axis=-1, keepdims=True)).T
+
+        outer = lambda a, b: polycos.cosine_similarity(a[:, None, :], b[None, :, :], dim=-1)  # noqa: E731
+        tol = 1e-10 if x64 else 2e-5
+        for f, args in ((polycos.pairwise_cosine_similarity, (x,)), (polycos.pairwise_cosine_similarity, (x, y)),
+                        (outer, (x, y))):
+            ts = tuple(jnp.cos(a) for a in args)
+            np.testing.assert_allclose(jax.jvp(f, args, ts)[1], jax.jvp(plain, args, ts)[1], atol=tol)
+            np.testing.assert_allclose(jax.jacfwd(f)(*args), jax.jacrev(plain)(*args), atol=tol)
+        if x64:  # (float64: the compensated row norms make every second-order graph large and slow to build)
+            return
+        # second order (one spelling each: every hessian compiles a graph of its own)
+        sq = lambda a: (outer(a, y) ** 2).sum()  # noqa: E731
+        sq_plain = lambda a: (plain(a, y) ** 2).sum()  # noqa: E731
+        np.testing.assert_allclose(jax.hessian(sq)(x), jax.hessian(sq_plain)(x), atol=100 * tol)
+        check_grads(polycos.pairwise_cosine_similarity, (x, y), order=2, modes=["fwd", "rev"],
+                    atol=tol ** 0.5, rtol=tol ** 0.5)
+        batched = (jnp.stack([x, 2 * x]),)
+        tangents = lambda a: tuple(jnp.sin(b) for b in a)  # noqa: E731
+        got = jax.jit(jax.vmap(lambda *a: jax.jvp(polycos.pairwise_cosine_similarity, a, tangents(a))[1]))(*batched)
+        want = jax.vmap(lambda *a: jax.jvp(plain, a, tangents(a))[1])(*batched)
+        np.testing.assert_allclose(got, want, atol=tol)

@@ -27,7 +27,9 @@ fused CPU kernel (:func:`jax.ffi.ffi_call`) on CPU, the array-API core in
 * **vmap**: the FFI calls take batch dimensions; the primitive's batching
   rule moves them in front and binds it again one axis further on.
 
-Pairwise similarity is a :func:`jax.custom_vjp` over the core. For float32
+Pairwise similarity is a :func:`jax.custom_jvp` over the core whose tangent
+rule is another linear primitive, :data:`ptangent_p`, transposed into the
+hand-written VJP for reverse mode. For float32
 inputs with ``jax_enable_x64`` off, the row normalisation and the product run
 inside a scoped ``jax.enable_x64`` (float64), so the matrix is within 1
 ulp(1.0) of exact on every CPU, as with x64 on (docs/pairwise.md); that code
@@ -519,9 +521,14 @@ def _tmatmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.swapaxes(lax.optimization_barrier(jnp.matmul(bt, a)), -1, -2)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
 def pairwise(x1: jax.Array, x2: jax.Array | None, eps: float) -> jax.Array:
-    """The similarity matrix (:func:`polycos._core.pairwise_forward`); ``x2=None``: ``x1`` itself."""
+    """The similarity matrix (:func:`polycos._core.pairwise_forward`); ``x2=None``: ``x1`` itself.
+
+    Its tangent rule is :data:`ptangent_p`, a linear primitive whose transpose is
+    :func:`pairwise_vjp`: forward mode evaluates the core's JVP, reverse mode the
+    VJP (the same graph as a ``custom_vjp``), to any order.
+    """
     if _scoped(x1.dtype):
         _no_symbolic_sizes(x1, x2)
         return in_x64_p.bind(*_present(x1, x2), fn=_InX64(_pairwise_core, eps))[0]
@@ -538,15 +545,14 @@ def _no_symbolic_sizes(*xs: jax.Array | None) -> None:
         )
 
 
-def _pairwise_fwd(x1: jax.Array, x2: jax.Array | None, eps: float) -> tuple[jax.Array, Any]:
-    # Saves the inputs only: the backward's row norms cost O((N + M) D), small
-    # beside its two matrix products.
-    return pairwise(x1, x2, eps), (x1, x2)
+def _pairwise_jvp(eps: float, primals: tuple, tangents: tuple) -> tuple:
+    x1, x2 = primals
+    t1, t2 = (None if t is None or isinstance(t, SymbolicZero) else t for t in tangents)
+    out = pairwise(x1, x2, eps)  # differentiable again: higher orders
+    return out, pairwise_tangent(t1, t2, x1, x2, eps)
 
 
-def _pairwise_bwd(eps: float, saved: Any, g: jax.Array) -> tuple:
-    x1, x2 = saved
-    return pairwise_vjp(g, x1, x2, eps)
+pairwise.defjvp(_pairwise_jvp, symbolic_zeros=True)
 
 
 def pairwise_vjp(g: jax.Array, x1: jax.Array, x2: jax.Array | None, eps: float) -> tuple[jax.Array, jax.Array | None]:
@@ -563,7 +569,107 @@ def _normalize(x: jax.Array, eps: float) -> _core.RowNorms:
     return _core.normalize_rows(xp, x, eps, scale=_pow2_scale(eps))
 
 
-pairwise.defvjp(_pairwise_fwd, _pairwise_bwd)
+
+
+# --------------------------------------------------------------------------- pairwise: the tangent map, a linear primitive
+#
+# dS = dH1 H2^T + H1 dH2^T (polycos._core.pairwise_jvp). As jnp code, reverse mode would be XLA's
+# transpose of it; as a primitive its transpose is pairwise_vjp (the hand-written VJP: the row
+# normalisation's VJP and two products), and its JVP and batching rules keep every other
+# transformation on the jnp code.
+
+ptangent_p = Primitive("polycos_pairwise_tangent")
+
+
+def pairwise_tangent(
+    t1: jax.Array | None, t2: jax.Array | None, x1: jax.Array, x2: jax.Array | None, eps: float
+) -> jax.Array:
+    """``dS`` along ``(t1, t2)`` (``None``: a zero tangent; ``t2`` unused when ``x2`` is ``None``) at ``x1, x2``."""
+    selfsim = x2 is None
+    present = (t1 is not None, not selfsim and t2 is not None)
+    ts = tuple(t for t, p in zip((t1, t2), present, strict=True) if p)
+    if not ts:
+        return jnp.zeros(_core._pairwise_shape(x1, x2), x1.dtype)
+    return ptangent_p.bind(*ts, *_present(x1, x2), eps=eps, present=present, selfsim=selfsim)
+
+
+def _punpack(operands: tuple, present: tuple, selfsim: bool) -> tuple:
+    """``(t1 | None, t2 | None, x1, x2 | None)`` from the primitive's operands."""
+    it = iter(operands)
+    t1 = next(it) if present[0] else None
+    t2 = next(it) if present[1] else None
+    x1 = next(it)
+    return t1, t2, x1, None if selfsim else next(it)
+
+
+@dataclass(frozen=True)
+class _PairwiseTangent:
+    """:func:`polycos._core.pairwise_jvp` on the primitive's operands, as a tuple (for :data:`in_x64_p`)."""
+
+    present: tuple
+    selfsim: bool
+
+    def __call__(self, *operands: jax.Array, eps: float) -> tuple[jax.Array]:
+        t1, t2, x1, x2 = _punpack(operands, self.present, self.selfsim)
+        return (_core.pairwise_jvp(xp, t1, t2, x1, x2, eps),)
+
+
+def _ptangent_core(*operands: jax.Array, eps: float, present: tuple, selfsim: bool) -> jax.Array:
+    fn = _PairwiseTangent(present, selfsim)
+    if _scoped(operands[0].dtype):  # float32 with x64 off: the float64 products in the scope
+        _no_symbolic_sizes(*operands)
+        return in_x64_p.bind(*operands, fn=_InX64(fn, eps))[0]
+    return fn(*operands, eps=eps)[0]
+
+
+_ptangent_core_jit = jax.jit(_ptangent_core, static_argnames=("eps", "present", "selfsim"))
+
+
+def _ptangent_abstract(*avals: Any, eps: float, present: tuple, selfsim: bool) -> Any:
+    _, _, x1, x2 = _punpack(avals, present, selfsim)
+    return _aval_like(avals, _core._pairwise_shape(x1, x2), x1.dtype)
+
+
+def _ptangent_transpose(ct: Any, *operands: Any, eps: float, present: tuple, selfsim: bool) -> list:
+    """The cotangents of ``t1, t2`` for ``ct``: :func:`pairwise_vjp`; none for ``x1, x2``."""
+    t1, t2, x1, x2 = _punpack(operands, present, selfsim)
+    wanted = [t is not None and ad.is_undefined_primal(t) for t in (t1, t2)]
+    if type(ct) is ad.Zero or not any(wanted):
+        return [None] * len(operands)
+    d = pairwise_vjp(ct, x1, x2, eps)
+    cts = [d[i] if wanted[i] else None for i in range(2) if present[i]]
+    return [*cts, *[None] * (len(operands) - len(cts))]
+
+
+def _ptangent_jvp(primals: tuple, tangents: tuple, *, eps: float, present: tuple, selfsim: bool) -> tuple:
+    """``A(x) t`` is bilinear in ``(x, t)``: its tangent is ``A(x) dt + dA(x)[dx] t``."""
+    t1, t2, x1, x2 = _punpack(primals, present, selfsim)
+    dt1, dt2, dx1, dx2 = (None if d is None or type(d) is ad.Zero else d for d in _punpack(tangents, present, selfsim))
+    out = pairwise_tangent(t1, t2, x1, x2, eps)
+    dout = pairwise_tangent(dt1, dt2, x1, x2, eps)
+    xs, dxs = _present(x1, x2), (dx1,) if selfsim else (dx1, dx2)
+    if any(d is not None for d in dxs):
+        ts = tuple(t for t in (t1, t2) if t is not None)
+        dxs = tuple(jnp.zeros_like(a) if d is None else d for a, d in zip(xs, dxs, strict=True))
+        f = lambda *a: _ptangent_core(*ts, *a, eps=eps, present=present, selfsim=selfsim)  # noqa: E731
+        dout = dout + jax.jvp(f, xs, dxs)[1]
+    return out, dout
+
+
+def _ptangent_batch(args: tuple, dims: tuple, *, eps: float, present: tuple, selfsim: bool) -> tuple:
+    """Batch dimensions in front of every operand (pairwise takes leading batch dimensions)."""
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    moved = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+             for a, d in zip(args, dims, strict=True)]
+    return ptangent_p.bind(*moved, eps=eps, present=present, selfsim=selfsim), 0
+
+
+ptangent_p.def_impl(lambda *operands, **params: _ptangent_core_jit(*operands, **params))
+ptangent_p.def_abstract_eval(_ptangent_abstract)
+ad.primitive_jvps[ptangent_p] = _ptangent_jvp
+ad.primitive_transposes[ptangent_p] = _ptangent_transpose
+batching.primitive_batchers[ptangent_p] = _ptangent_batch
+mlir.register_lowering(ptangent_p, mlir.lower_fun(_ptangent_core, multiple_results=False))
 
 
 def _present(*xs: jax.Array | None) -> tuple[jax.Array, ...]:
