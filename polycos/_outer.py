@@ -29,7 +29,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OuterPlan", "collapse_stride0", "plan", "register_reshape_method"]
+__all__ = ["OuterPlan", "collapse_stride0", "plan", "register_c_order", "register_reshape_method"]
 
 #: Array types whose ``reshape`` method is their namespace's ``reshape`` and is
 #: cheaper to call (NumPy's ``reshape`` function wraps the method in Python:
@@ -40,6 +40,15 @@ _RESHAPE_METHOD: set[type] = set()
 def register_reshape_method(array_type: type) -> None:
     """Reshape arrays of exactly ``array_type`` by their ``reshape`` method."""
     _RESHAPE_METHOD.add(array_type)
+
+
+#: Array types with their C-order copy (a no-op when already contiguous), for :func:`_c_order`.
+_C_ORDER: dict[type, Any] = {}
+
+
+def register_c_order(array_type: type, c_order: Any) -> None:
+    """Lay out permuted results of ``array_type`` (subclasses too) in C order with ``c_order(x)``."""
+    _C_ORDER[array_type] = c_order
 
 
 def _reshape(xp: Any, x: Any, shape: tuple) -> Any:
@@ -165,7 +174,7 @@ class OuterPlan:
         s = _reshape(xp, s, tuple(self.shape[k] for k in order))
         out = [k for k in range(len(self.shape)) if k != self.axis]
         perm = tuple(order.index(k) for k in out)
-        return s if perm == tuple(range(len(perm))) else xp.permute_dims(s, perm)
+        return s if perm == tuple(range(len(perm))) else _c_order(xp.permute_dims(s, perm))
 
     def grad(self, xp: Any, g: Any) -> Any:
         """Inverse of :meth:`output`: an upstream gradient (full result shape) as ``(batch..., R1, R2)``."""
@@ -175,6 +184,24 @@ class OuterPlan:
         out = [k for k in range(len(self.shape)) if k != self.axis]
         g = _permute(xp, g, tuple(out.index(k) for k in order))
         return _reshape(xp, g, self._product_shape())
+
+
+def _c_order(x: Any) -> Any:
+    """A permuted result laid out in C order, as the row-wise broadcast lays out its result.
+
+    ``F.cosine_similarity`` and NumPy's own broadcasting return contiguous arrays;
+    a permuted view would not be (``view(-1)`` fails on it). Strided arrays only:
+    the types registered with :func:`register_c_order` (torch), and NumPy and CuPy
+    (read from ``flags``); other libraries have no layout to fix (JAX, dask,
+    array-api-strict).
+    """
+    for array_type, c_order in _C_ORDER.items():
+        if isinstance(x, array_type):
+            return c_order(x)
+    flags = getattr(x, "flags", None)
+    if flags is not None and hasattr(flags, "c_contiguous"):
+        return x if flags.c_contiguous else x.copy(order="C")
+    return x
 
 
 def _permute(xp: Any, x: Any, perm: tuple[int, ...]) -> Any:
@@ -194,6 +221,11 @@ def plan(shape: tuple, axis: int, shape1: tuple, shape2: tuple) -> OuterPlan | N
         return None
     if 0 in shape:  # an empty result: nothing to multiply
         return None
+    # The index ``axis`` equals, as a plain int: ``torch.compile(dynamic=True)`` traces ``dim``
+    # as a symbolic int (whose type Dynamo reports as int), which the plan's axis orders cannot
+    # sort. Comparing it with each index guards on it, which specialises it as
+    # ``F.cosine_similarity`` does (a new ``dim`` compiles once more).
+    axis = next(k for k in range(nd) if k == axis)
     s1 = (1,) * (nd - len(shape1)) + tuple(shape1)
     s2 = (1,) * (nd - len(shape2)) + tuple(shape2)
     batch, left, right = [], [], []

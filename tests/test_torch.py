@@ -764,3 +764,153 @@ def test_cuda_autocast_runs_in_float32_like_pytorch() -> None:
     with torch.autocast("cuda", dtype=torch.float16):
         ours, theirs = cosine_similarity(x1.half(), x2.half()), F.cosine_similarity(x1.half(), x2.half())
     assert ours.dtype == theirs.dtype
+
+
+# --------------------------------------------------------------------------- higher order, compile, layout
+
+
+def _plain_cosine(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
+    """The definition in plain differentiable torch ops: autograd's derivatives of every order."""
+    a, b = torch.broadcast_tensors(a, b)
+    n1 = torch.linalg.vector_norm(a, dim=dim).clamp_min(eps)
+    n2 = torch.linalg.vector_norm(b, dim=dim).clamp_min(eps)
+    return torch.linalg.vecdot(a, b, dim=dim) / (n1 * n2)
+
+
+_SECOND_ORDER_CASES = {
+    # name: (shapes of x1 and x2, polycos spelling, plain spelling)
+    "vector": (((4,), (4,)), lambda a, b: polycos.cosine_similarity(a, b, dim=0),
+               lambda a, b: _plain_cosine(a, b, 0)),
+    "rows": (((3, 4), (3, 4)), lambda a, b: cosine_similarity(a, b, dim=1),
+             lambda a, b: _plain_cosine(a, b, 1)),
+    "pairwise": (((3, 4), (2, 4)), lambda a, b: polycos.pairwise_cosine_similarity(a, b),
+                 lambda a, b: _plain_cosine(a[:, None], b[None], -1)),
+    "self-pairwise": (((3, 4), (3, 4)), lambda a, b: polycos.pairwise_cosine_similarity(a) * b.sum(),
+                      lambda a, b: _plain_cosine(a[:, None], a[None], -1) * b.sum()),
+    "outer, reshapes": (((3, 1, 4), (1, 2, 4)), lambda a, b: polycos.cosine_similarity(a, b, dim=-1),
+                        lambda a, b: _plain_cosine(a, b, -1)),
+    "outer, interleaved": (((2, 1, 3, 4), (1, 2, 1, 4)), lambda a, b: polycos.cosine_similarity(a, b, dim=-1),
+                           lambda a, b: _plain_cosine(a, b, -1)),
+}
+
+
+@pytest.mark.parametrize("case", list(_SECOND_ORDER_CASES))
+def test_second_derivatives_through_forward_mode_are_exact(case: str) -> None:
+    """``jvp`` computes its tangent from the inputs, with forward AD on for the outer levels:
+    every composition of jacfwd/jacrev to order two (and forward-over-forward to order three on
+    the row-wise route) equals autograd through the plain definition. (Before: forward over
+    forward gave zeros, reverse over forward dropped the residuals' dependence.)"""
+    (s1, s2), fn, plain = _SECOND_ORDER_CASES[case]
+    x1 = torch.randn(s1, dtype=f64, generator=_gen(31))
+    x2 = torch.randn(s2, dtype=f64, generator=_gen(32))
+    for argnums in (0, 1):
+        for outer in (jacfwd, jacrev):
+            for inner in (jacfwd, jacrev):
+                got = outer(inner(fn, argnums=argnums), argnums=argnums)(x1, x2)
+                want = outer(inner(plain, argnums=argnums), argnums=argnums)(x1, x2)
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if case == "rows":
+        third = jacfwd(jacfwd(jacfwd(fn)))(x1, x2)
+        torch.testing.assert_close(third, jacrev(jacrev(jacrev(plain)))(x1, x2), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["vector", "rows", "pairwise", "outer, reshapes", "outer, interleaved"])
+def test_forward_ad_tangents_are_differentiable(case: str) -> None:
+    """``torch.autograd.forward_ad`` with reverse mode: the gradient of a dual tangent (reverse
+    over forward) and the tangent of a gradient (forward over reverse), against the plain
+    definition. (Before: the row-wise tangent came from the forward's residuals, constants to
+    reverse mode.)"""
+    from torch.autograd import forward_ad as fwad
+
+    (s1, s2), fn, plain = _SECOND_ORDER_CASES[case]
+    x1 = torch.randn(s1, dtype=f64, generator=_gen(33))
+    x2 = torch.randn(s2, dtype=f64, generator=_gen(34))
+    t = torch.randn(s1, dtype=f64, generator=_gen(35))
+
+    def reverse_over_forward(f):  # type: ignore[no-untyped-def]
+        a = x1.clone().requires_grad_(True)
+        with fwad.dual_level():
+            tangent = fwad.unpack_dual(f(fwad.make_dual(a, t), x2)).tangent
+        return torch.autograd.grad(tangent.sum(), a)[0]
+
+    def forward_over_reverse(f):  # type: ignore[no-untyped-def]
+        with fwad.dual_level():
+            a = fwad.make_dual(x1.clone().requires_grad_(True), t)
+            (g,) = torch.autograd.grad(f(a, x2).sum(), a, create_graph=True)
+            return fwad.unpack_dual(g).tangent
+
+    for how in (reverse_over_forward, forward_over_reverse):
+        torch.testing.assert_close(how(fn), how(plain), rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mode_composes_with_vmap() -> None:
+    """``jacfwd(vmap(f))`` (the generated vmap rule's ``jvp``) and ``vmap`` of second derivatives."""
+    a = torch.randn(3, 2, 4, dtype=f64, generator=_gen(36))
+    b = torch.randn(3, 1, 4, dtype=f64, generator=_gen(37))
+    for fn, plain in ((lambda x, y: cosine_similarity(x, y, dim=-1), lambda x, y: _plain_cosine(x, y, -1)),
+                      (polycos.pairwise_cosine_similarity, lambda x, y: _plain_cosine(x[:, None], y[None], -1))):
+        got = jacfwd(lambda x, fn=fn: vmap(fn)(x, b))(a)
+        torch.testing.assert_close(got, jacrev(lambda x, plain=plain: vmap(plain)(x, b))(a), rtol=1e-10, atol=1e-12)
+        hess = vmap(jacfwd(jacfwd(lambda x, y, fn=fn: fn(x, y).sum())))(a, b)
+        want = vmap(jacrev(jacrev(lambda x, y, plain=plain: plain(x, y).sum())))(a, b)
+        torch.testing.assert_close(hess, want, rtol=1e-10, atol=1e-12)
+
+
+def test_compile_self_pairwise_with_requires_grad() -> None:
+    """The self-similarity Function returns no output twice (its second rows are empty), which
+    AOTAutograd's tracing of the Function requires. (Before: ``Placeholder node not found``.)"""
+    torch._dynamo.reset()
+    c = torch.compile(lambda a: polycos.pairwise_cosine_similarity(a), backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 8, requires_grad=True)
+    s = c(x)
+    s.sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    want = F.cosine_similarity(ref[:, None], ref[None], dim=-1)
+    want.sum().backward()
+    torch.testing.assert_close(s, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_outer_broadcast_with_a_symbolic_dim() -> None:
+    """``dynamic=True`` traces ``dim`` as a symbolic int; the outer-product plan specialises it
+    (as ``F.cosine_similarity`` does) and compiles with no graph break. (Before: ``sort with
+    non-constant keys`` in the plan.)"""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    c = torch.compile(lambda a, b, dim: polycos.cosine_similarity(a, b, dim=dim), backend=counter,
+                      fullgraph=True, dynamic=True)
+    cases = (((3, 1, 4), (1, 5, 4), -1), ((6, 1, 4), (1, 7, 4), -1), ((4, 3, 1), (4, 1, 5), 0),
+             ((2, 1, 3, 4), (1, 5, 1, 4), -1))  # the last interleaves: a permuted, contiguous result
+    for s1, s2, dim in cases:
+        a = torch.randn(s1, requires_grad=True)
+        b = torch.randn(s2)
+        out = c(a, b, dim)
+        out.sum().backward()
+        want = F.cosine_similarity(a, b, dim=dim)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        assert out.stride() == want.stride()
+    assert counter.frame_count <= 4, f"{counter.frame_count} compilations for 2 sizes, 2 dims and 2 ranks"
+
+
+def test_outer_broadcast_result_is_contiguous_like_pytorchs() -> None:
+    """Interleaved broadcast axes: the product's result is permuted back into a C-ordered
+    result, as ``F.cosine_similarity`` (and NumPy's broadcasting) lay it out: eagerly, with
+    autograd, for meta and fake tensors, and for NumPy arrays. (Before: strides (15, 1, 5).)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    s1, s2 = (2, 1, 3, 4), (1, 5, 1, 4)
+    a, b = torch.randn(s1, dtype=f64, generator=_gen(38)), torch.randn(s2, dtype=f64, generator=_gen(39))
+    want = F.cosine_similarity(a, b, dim=-1)
+    for x in (a, a.clone().requires_grad_(True)):
+        out = polycos.cosine_similarity(x, b, dim=-1)
+        assert out.stride() == want.stride() == (15, 3, 1)
+        torch.testing.assert_close(out.view(-1), want.view(-1), rtol=1e-13, atol=1e-15)
+    meta = polycos.cosine_similarity(a.to("meta"), b.to("meta"), dim=-1)
+    assert meta.stride() == (15, 3, 1)
+    with FakeTensorMode():
+        assert polycos.cosine_similarity(torch.randn(s1), torch.randn(s2), dim=-1).stride() == (15, 3, 1)
+    n = polycos.cosine_similarity(a.numpy(), b.numpy(), axis=-1)
+    assert n.flags.c_contiguous
+    np.testing.assert_allclose(n, want.numpy(), rtol=1e-13, atol=1e-15)

@@ -42,7 +42,7 @@ import torch._dynamo
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd import forward_ad
 
-from polycos import _core
+from polycos import _core, _outer
 from polycos._backends._base import Backend, dtype_name
 
 if TYPE_CHECKING:
@@ -88,6 +88,10 @@ def _namespace() -> types.ModuleType:
 
 #: The namespace the core runs on.
 xp = _namespace()
+
+# An outer product whose broadcast axes interleave permutes the product's result back: a
+# contiguous copy, the layout F.cosine_similarity returns (FakeTensor and Dynamo's tensors too).
+_outer.register_c_order(torch.Tensor, torch.Tensor.contiguous)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -622,10 +626,50 @@ class CosineFunction(_Cosine):
     @staticmethod
     def jvp(ctx: Any, t1: Any, t2: Any, *_: Any) -> tuple:  # type: ignore[override]
         x1, x2, res = ctx.saved_tensors
-        with _no_autocast(x1):
-            residuals = _core.unpack_residuals(xp, res, ctx.axis)
+        # The forward's residuals are constants to every other level of differentiation; where
+        # one may be active (reverse mode on the inputs, a torch.func transform), the tangent is
+        # computed from the inputs alone so that those levels see all of its dependence on them.
+        reuse = not (_wrapped(x1) or _wrapped(x2) or x1.requires_grad or x2.requires_grad)
+        x1, x2 = _primal(x1), _primal(x2)
+        with _no_autocast(x1), _outer_levels():
+            residuals = _core.unpack_residuals(xp, res, ctx.axis) if reuse else None
             out = _core.jvp(xp, t1, t2, x1, x2, ctx.axis, ctx.eps, residuals)
-        return out, None
+        return out, _no_tangent(res, out)
+
+
+def _primal(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` without its tangent at the level whose ``jvp`` runs (other levels' tangents kept)."""
+    if x is None:
+        return None
+    f = torch._C._functorch
+    if f.is_batchedtensor(x):  # (vmap has no rule for aten::_unpack_dual: the batch dim taken off and put back)
+        level, bdim = f.maybe_get_level(x), f.maybe_get_bdim(x)
+        return f._add_batch_dim(_primal(f.get_unwrapped(x)), bdim, level)
+    return forward_ad.unpack_dual(x).primal
+
+
+def _no_tangent(output: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor | None:
+    """The tangent ``jvp`` returns for a non-differentiable output: ``None``, or zeros under vmap.
+
+    (``torch.func``'s generated vmap rule fails on ``None`` for an output inside
+    ``jacfwd(vmap(f))``: an internal assertion of PyTorch 2.13.)
+    """
+    return torch.zeros_like(output) if torch._C._functorch.is_batchedtensor(tangent) else None
+
+
+def _outer_levels() -> contextlib.AbstractContextManager:
+    """Forward AD on again inside a Function's ``jvp``, for the levels outside it.
+
+    PyTorch calls ``jvp`` with forward-mode AD off, so that the tangent it returns
+    has no tangent at its own level; under nested :mod:`torch.func` transforms
+    (``jacfwd(jacfwd(f))``) that switch turns the outer forward levels off too,
+    and second derivatives come out zero. ``jvp`` computes from :func:`_primal`
+    inputs (nothing to differentiate at its own level) with forward AD on, so each
+    outer level sees the tangent's dependence on its inputs.
+    """
+    if torch._C._is_fwd_grad_enabled():
+        return contextlib.nullcontext()
+    return forward_ad._set_fwd_grad_enabled(True)
 
 
 def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -656,28 +700,31 @@ class _Pairwise(torch.autograd.Function):
 
     Returns ``(S, xhat1, stats1, xhat2, stats2)``: the matrix and the normalised
     rows with their ``(cs, ns, m)`` stacked first (non-differentiable; for
-    self-similarity the second pair repeats the first), which backward reuses
-    unless it is itself differentiated: then the rows are normalised again,
-    differentiably.
+    self-similarity the second pair is two empty tensors: an output that repeats
+    another, or an input, breaks ``torch.compile``'s tracing of the Function),
+    which backward reuses unless it is itself differentiated: then the rows are
+    normalised again, differentiably.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        x1: torch.Tensor, x2: torch.Tensor | None, eps: float, shapes: tuple | None = None
+        x1: torch.Tensor, x2: torch.Tensor | None, eps: float, direct: _Direct | None = None
     ) -> tuple[torch.Tensor, ...]:
+        shapes = None if direct is None else direct.shapes
         if shapes is not None:  # an outer-product broadcast: the matrices by reshapes no autograd node records
             x1, x2 = x1.reshape(shapes[0]), x2.reshape(shapes[1])  # type: ignore[union-attr]
         if kernel_ok(x1) if x2 is None else kernel_ok(x1, x2):
-            s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, x2, eps)
-            if x2 is None:
-                h2, st2 = h1, st1
+            s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, x2, eps)  # self: h2, st2 empty
         else:
             with _no_autocast(x1):
                 s, (r1, r2) = _core.pairwise_forward(xp, x1, x2, eps, native_product=_product)
-            r2 = r1 if r2 is None else r2
-            h1, st1, h2, st2 = r1.xhat, _stats(r1), r2.xhat, _stats(r2)
+            h1, st1 = r1.xhat, _stats(r1)
+            if r2 is None:  # two new empty tensors, as the operator returns: no output repeats another
+                h2, st2 = h1.new_empty((0,)), h1.new_empty((0,))
+            else:
+                h2, st2 = r2.xhat, _stats(r2)
         return (s if shapes is None else s.reshape(shapes[2])), h1, st1, h2, st2
 
     @staticmethod
@@ -686,9 +733,12 @@ class _Pairwise(torch.autograd.Function):
         _, h1, st1, h2, st2 = output
         ctx.mark_non_differentiable(h1, st1, h2, st2)
         ctx.eps = eps
-        ctx.shapes = rest[0] if rest else None
-        ctx.save_for_backward(x1, x2, h1, st1, h2, st2)
-        ctx.save_for_forward(x1, x2)
+        ctx.shapes = rest[0].shapes if rest and rest[0] is not None else None
+        saved = (x1, x2, h1, st1, h2, st2)
+        ctx.save_for_backward(*saved)
+        # The same tensors for jvp: under vmap each call records the batch dims of its list for
+        # both backward and jvp, so two different lists would misalign one of them.
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:  # type: ignore[override]
@@ -799,15 +849,17 @@ class PairwiseFunction(_Pairwise):
 
     @staticmethod
     def jvp(ctx: Any, t1: Any, t2: Any, *_: Any) -> tuple:  # type: ignore[override]
-        x1, x2 = ctx.saved_tensors
+        # (the tensors saved for backward: one list keeps vmap's record of their batch dims right)
+        x1, x2 = _primal(ctx.saved_tensors[0]), _primal(ctx.saved_tensors[1])
         shapes = ctx.shapes
         if shapes is not None:
-            x1, x2 = x1.reshape(shapes[0]), x2.reshape(shapes[1])
+            x1, x2 = x1.reshape(shapes[0]), x2.reshape(shapes[1])  # type: ignore[union-attr]
             t1 = None if t1 is None else t1.reshape(shapes[0])
             t2 = None if t2 is None else t2.reshape(shapes[1])
-        with _no_autocast(x1):
+        with _no_autocast(x1), _outer_levels():  # type: ignore[arg-type]
             ds = _core.pairwise_jvp(xp, t1, t2, x1, x2, ctx.eps)
-        return (ds if shapes is None else ds.reshape(shapes[2])), None, None, None, None
+        ds = ds if shapes is None else ds.reshape(shapes[2])
+        return (ds, *(_no_tangent(r, ds) for r in ctx.saved_tensors[2:]))
 
 
 def _compiling() -> bool:
@@ -830,10 +882,23 @@ def apply_cosine(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> t
     return fn.apply(x1, x2, axis, eps)
 
 
+class _Direct:
+    """An outer-product plan's ``direct`` shapes as one opaque argument of the pairwise Function.
+
+    (A tuple of tuples would be flattened by ``torch.func``'s generated vmap rule into
+    one input per size, which its ``jvp`` then fails to match with the tangents.)
+    """
+
+    __slots__ = ("shapes",)
+
+    def __init__(self, shapes: tuple) -> None:
+        self.shapes = shapes
+
+
 def apply_pairwise(x1: torch.Tensor, x2: torch.Tensor | None, eps: float, shapes: tuple | None = None) -> torch.Tensor:
     """The pairwise Function; ``shapes``: an outer-product plan's ``direct`` shapes (inputs of any shape)."""
     fn = _Pairwise if _compiling() else PairwiseFunction
-    return fn.apply(x1, x2, eps, shapes)[0]
+    return fn.apply(x1, x2, eps, None if shapes is None else _Direct(shapes))[0]
 
 
 # --------------------------------------------------------------------------- the backend
