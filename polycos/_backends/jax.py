@@ -386,12 +386,19 @@ def _tangent_batch(args: tuple, dims: tuple, *, axis: int, **params: Any) -> tup
     return tangent(t1, t2, x1, x2, packed, axis + 1, params["eps"], params["dtype"]), 0
 
 
-tangent_p.def_impl(lambda *operands, **params: _tangent_core_jit(*operands, **params))
-tangent_p.def_abstract_eval(_tangent_abstract)
-ad.primitive_jvps[tangent_p] = _tangent_jvp
-ad.primitive_transposes[tangent_p] = _tangent_transpose
-batching.primitive_batchers[tangent_p] = _tangent_batch
-mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_core, multiple_results=False))
+def _define_linear(prim: Primitive, core: Callable, core_jit: Callable, abstract: Callable, jvp: Callable,
+                   transpose: Callable, batch: Callable) -> None:
+    """The rules of a linear tangent primitive: ``core`` (jnp) evaluates and lowers it."""
+    prim.def_impl(lambda *operands, **params: core_jit(*operands, **params))
+    prim.def_abstract_eval(abstract)
+    ad.primitive_jvps[prim] = jvp
+    ad.primitive_transposes[prim] = transpose
+    batching.primitive_batchers[prim] = batch
+    mlir.register_lowering(prim, mlir.lower_fun(core, multiple_results=False))
+
+
+_define_linear(tangent_p, _tangent_core, _tangent_core_jit, _tangent_abstract, _tangent_jvp, _tangent_transpose,
+               _tangent_batch)
 
 
 # --------------------------------------------------------------------------- the transpose: the kernel's backward
@@ -664,12 +671,8 @@ def _ptangent_batch(args: tuple, dims: tuple, *, eps: float, present: tuple, sel
     return ptangent_p.bind(*moved, eps=eps, present=present, selfsim=selfsim), 0
 
 
-ptangent_p.def_impl(lambda *operands, **params: _ptangent_core_jit(*operands, **params))
-ptangent_p.def_abstract_eval(_ptangent_abstract)
-ad.primitive_jvps[ptangent_p] = _ptangent_jvp
-ad.primitive_transposes[ptangent_p] = _ptangent_transpose
-batching.primitive_batchers[ptangent_p] = _ptangent_batch
-mlir.register_lowering(ptangent_p, mlir.lower_fun(_ptangent_core, multiple_results=False))
+_define_linear(ptangent_p, _ptangent_core, _ptangent_core_jit, _ptangent_abstract, _ptangent_jvp,
+               _ptangent_transpose, _ptangent_batch)
 
 
 def _present(*xs: jax.Array | None) -> tuple[jax.Array, ...]:
