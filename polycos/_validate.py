@@ -112,9 +112,14 @@ def _traced(value: Any) -> bool:
     return False
 
 
+def _is_time(value: Any) -> bool:
+    """A NumPy ``timedelta64`` or ``datetime64`` (``timedelta64`` registers as ``numbers.Integral``)."""
+    return type(value).__name__ in ("timedelta64", "datetime64") and type(value).__module__ == "numpy"
+
+
 def normalize_axis(axis: Any, ndim: int, *, name: str = "dim", shape: tuple = ()) -> int:
     """Resolve a possibly negative axis against ``ndim`` (a 0-d shape counts as 1-d)."""
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or _is_time(axis):
         if _traced(axis):
             raise TypeError(
                 f"{name} must be a Python int, got a traced value with no number yet ({_short(axis)}); "
@@ -152,16 +157,24 @@ def check_eps(eps: Any) -> float:
     with respect to ``eps``). Negative, NaN, infinite or too-large values
     raise ``ValueError``; ``-0.0`` is ``0.0``.
     """
+    if _is_time(eps):
+        raise TypeError(f"eps must be a real number, got {_short(eps)} of type {type(eps).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, decimal.Decimal)):
         if isinstance(eps, bool) or getattr(eps, "shape", None) != ():
             raise TypeError(f"eps must be a real number, got {_short(eps)} of type {type(eps).__name__}")
         dtype = str(getattr(eps, "dtype", ""))
-        if "complex" in dtype or "bool" in dtype:
-            raise TypeError(f"eps must be a real number, got {_short(eps)} of dtype {dtype}")
+        # a real dtype by name ("float32", "torch.int64", "bfloat16"): strings, bytes,
+        # objects and dates are not parsed, whatever float() would make of them
+        if "complex" in dtype or "bool" in dtype or not any(k in dtype for k in ("float", "int")):
+            raise TypeError(f"eps must be a real number, got {_short(eps)} of dtype {dtype or None}")
         if getattr(eps, "requires_grad", False):
             raise TypeError(
                 f"eps is a tensor that requires grad ({_short(eps)}); polycos treats eps as a "
                 "constant, so no gradient would reach it: pass float(eps.detach())"
+            )
+        if getattr(getattr(eps, "device", None), "type", None) == "meta":
+            raise TypeError(
+                f"eps is a tensor on the meta device, which holds no value ({_short(eps)}); pass a Python float"
             )
         if _traced(eps):
             raise TypeError(

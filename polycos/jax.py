@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from polycos import _validate
+from polycos import _backends, _validate
 
 __all__ = ["cosine_similarity", "export_safety_checks", "pairwise_cosine_similarity"]
 
@@ -40,7 +40,9 @@ __all__ = ["cosine_similarity", "export_safety_checks", "pairwise_cosine_similar
 def _as_jax(**xs: Any) -> list[Any]:
     out = []
     for name, x in xs.items():
-        if isinstance(x, np.ndarray | np.generic):  # as jax.numpy functions accept them
+        if isinstance(x, np.ndarray | np.generic):  # as jax.numpy functions accept them,
+            # after NumPy's input policy (masked arrays, np.matrix, dtypes), with its messages
+            (x,) = _backends.get("numpy").accept(np, ((name, x),))
             x = jax.numpy.asarray(x)
         if not isinstance(x, jax.Array):
             t = type(x)

@@ -418,6 +418,20 @@ def _many_dims(ndim: int) -> Callable[[BackendInfo], None]:
         grads = polycos.cosine_similarity_vjp(info.array(np.ones(shape[:-1]), "float32"), a, b, -1)
         assert [tuple(d.shape) for d in grads] == [shape, shape]
         assert_vjp_matches_reference(tuple(to_numpy(d).reshape(2, 3) for d in grads), np.ones(2), x, y, ulps=4)
+        # the matrix product's two spellings: pairwise, and an outer broadcast as wide
+        outer = (x[:, None, :], y[None, :, :])
+        p = polycos.pairwise_cosine_similarity(a, b)
+        assert tuple(p.shape) == (*shape[:-2], 2, 2)
+        assert_matches_reference(np.asarray(to_numpy(p)).reshape(2, 2), *outer, -1)
+        grads = polycos.pairwise_cosine_similarity_vjp(info.array(np.ones(p.shape), "float32"), a, b)
+        assert [tuple(d.shape) for d in grads] == [shape, shape]
+        lead = (1,) * (ndim - 3)
+        o1, o2 = info.array(x.reshape(*lead, 2, 1, 3), "float32"), info.array(y.reshape(*lead, 1, 2, 3), "float32")
+        o = polycos.cosine_similarity(o1, o2, -1)
+        assert tuple(o.shape) == (*lead, 2, 2)
+        assert_matches_reference(np.asarray(to_numpy(o)).reshape(2, 2), *outer, -1)
+        grads = polycos.cosine_similarity_vjp(info.array(np.ones(o.shape), "float32"), o1, o2, -1)
+        assert [tuple(d.shape) for d in grads] == [tuple(o1.shape), tuple(o2.shape)]
 
     return run
 
@@ -505,6 +519,14 @@ EPS_ERRORS: tuple[tuple[str, Any, type[BaseException], str], ...] = (
     ("numpy_1d", np.array([1e-8]), TypeError, r"eps must be a real number, got array\(\[1.e-08\]\)"),
     ("numpy_bool_0d", np.array(True), TypeError, r"eps must be a real number, got array\(True\) of dtype bool"),
     ("numpy_complex_0d", np.array(1j), TypeError, r"eps must be a real number, got array\(0.\+1.j\) of dtype complex128"),
+    # float() would parse these; no string is parsed, and a date is not a number
+    ("numpy_str", np.str_("1.0"), TypeError, r"eps must be a real number, got np.str_\('1.0'\) of dtype <U3"),
+    ("numpy_str_0d", np.array("1.0"), TypeError, r"eps must be a real number, got array\('1.0', dtype='<U3'\)"),
+    ("numpy_bytes", np.bytes_(b"1.0"), TypeError, r"eps must be a real number, got np.bytes_\(b'1.0'\) of dtype \|S3"),
+    ("numpy_object_0d", np.array(1.0, object), TypeError, r"eps must be a real number, got .* of dtype object"),
+    ("timedelta", np.timedelta64(1), TypeError, r"eps must be a real number, got np.timedelta64\(1\) of type timedelta64"),
+    ("timedelta_s", np.timedelta64(1, "s"), TypeError, r"eps must be a real number, got np.timedelta64\(1,'s'\)"),
+    ("timedelta_0d", np.array(1, "m8[s]"), TypeError, r"eps must be a real number, got .* of dtype timedelta64\[s\]"),
 )
 
 
@@ -528,6 +550,8 @@ def _(info: BackendInfo) -> None:
         (np.float64(1.0), TypeError, r"dim must be an int, got np.float64\(1.0\)"),
         ("1", TypeError, r"dim must be an int, got '1' of type str"),
         (np.array(1), TypeError, r"dim must be an int, got array\(1\)"),
+        (np.timedelta64(1), TypeError, r"dim must be an int, got np.timedelta64\(1\) of type timedelta64"),
+        (np.timedelta64(0, "s"), TypeError, r"dim must be an int, got np.timedelta64\(0,'s'\)"),
         (2, IndexError, r"dim=2 is out of range for inputs broadcast to shape \(2, 3\)"),
         (-3, IndexError, r"dim=-3 is out of range"),
         (2**70, IndexError, r"dim=1180591620717411303424 is out of range"),
@@ -563,6 +587,9 @@ def _(info: BackendInfo) -> None:
         _raises(TypeError, r"eps is a tensor that requires grad .*pass float\(eps.detach\(\)\)",
                 polycos.cosine_similarity, x1, x2, eps=eps)
     assert_matches_reference(polycos.cosine_similarity(x1, x2, eps=torch.tensor(0.5)), x1, x2, 1, 0.5)
+    # a meta tensor has no value: not mistaken for a JIT's tracer
+    _raises(TypeError, r"eps is a tensor on the meta device, which holds no value .*pass a Python float",
+            polycos.cosine_similarity, x1, x2, eps=torch.tensor(0.5, device="meta"))
 
 
 @attack("unclear_errors", "not_arrays")

@@ -360,6 +360,28 @@ def test_empty_and_zero_d_gradients(x64: bool) -> None:
         np.testing.assert_array_equal(np.asarray(per), np.zeros(3))  # s = 0 or 1, constant: derivative 0
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_numpy_inputs_follow_numpys_input_policy() -> None:
+    """polycos.jax converts NumPy arrays as jax.numpy does, after polycos's NumPy checks (not JAX's errors)."""
+    y = np.ones((1, 2))
+    for bad, match in (
+        (np.matrix([[1.0, 2.0]]), r"x1 is a numpy.matrix"),
+        (np.ma.masked_array([[1.0, 2.0]]), r"x1 is a numpy masked array"),
+        (np.array([["a", "b"]]), r"x1 has dtype <U1, which is not numeric"),
+        (np.array([[1, 2]], dtype=object), r"x1 has dtype object, which is not numeric"),
+        (np.array([[1, 2]], dtype="datetime64[s]"), r"x1 has dtype datetime64\[s\], which is not numeric"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            pj.cosine_similarity(bad, y)
+        with pytest.raises(TypeError, match=match):
+            pj.pairwise_cosine_similarity(bad, y)
+    with pytest.raises(TypeError, match=r"x2 is a numpy.matrix"):
+        pj.pairwise_cosine_similarity(y, np.matrix(y))
+    s = pj.cosine_similarity(np.array([[3.0, 4.0]]), np.array([[4.0, 3.0]]))  # plain arrays: converted
+    assert isinstance(s, jax.Array)
+    np.testing.assert_allclose(np.asarray(s), [0.96], rtol=1e-6)
+
+
 SHARDING_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np

@@ -163,8 +163,11 @@ class DaskBackend(Backend):
 
     # ------------------------------------------------------------------ pairwise: blockwise NumPy
 
-    def _pairwise_blocks(self, x1: Any, x2: Any | None) -> tuple[Any, Any, str] | None:
+    def _pairwise_blocks(self, x1: Any, x2: Any | None) -> tuple[Any, Any, tuple[tuple[int, ...], ...]] | None:
         """Rows whole along D, the same batch shape, NumPy chunks: the blockwise route (else ``None``).
+
+        Returns both sides rechunked, and the blockwise indices of ``S``, ``x1``
+        and ``x2`` (ints, not letters: any number of batch axes).
 
         The row axis may have unknown (NaN) chunk sizes (after boolean indexing):
         each block of ``S`` pairs whole row blocks, whatever their lengths.
@@ -181,10 +184,11 @@ class DaskBackend(Backend):
             return None
         if x2 is not None and (x1.shape[:-2] != x2.shape[:-2] or x1.shape[-1] != x2.shape[-1]):
             return None
-        batch = "".join(chr(ord("a") + i) for i in range(x1.ndim - 2))
+        b = tuple(range(x1.ndim - 2))
+        n, m, d = len(b), len(b) + 1, len(b) + 2  # the rows, the columns, the features
         r1 = x1.rechunk({x1.ndim - 1: -1})
         r2 = r1 if x2 is None else x2.rechunk({x2.ndim - 1: -1, **{i: r1.chunks[i] for i in range(x1.ndim - 2)}})
-        return r1, r2, batch
+        return r1, r2, ((*b, n, m), (*b, n, d), (*b, m, d))
 
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
         blocks = self._pairwise_blocks(x1, x2)
@@ -192,13 +196,13 @@ class DaskBackend(Backend):
             return super().pairwise_forward(x1, x2, eps)
         import dask.array as da
 
-        r1, r2, b = blocks
+        r1, r2, (i_s, i1, i2) = blocks
         numpy = get("numpy")
 
         def block(a: Any, c: Any) -> Any:  # one block of S from one row block of each side
             return numpy.pairwise_forward(a, c, eps)
 
-        return da.blockwise(block, f"{b}nm", r1, f"{b}nd", r2, f"{b}md", dtype=x1.dtype, concatenate=True,
+        return da.blockwise(block, i_s, r1, i1, r2, i2, dtype=x1.dtype, concatenate=True,
                             meta=np.empty((0,) * x1.ndim, dtype=x1.dtype))
 
     def pairwise_vjp(
@@ -209,7 +213,7 @@ class DaskBackend(Backend):
             return super().pairwise_vjp(g, x1, x2, eps)
         import dask.array as da
 
-        r1, r2, b = blocks
+        r1, r2, (i_s, i1, i2) = blocks
         numpy = get("numpy")
         want = (*r1.chunks[:-1], r2.chunks[-2])
         if _same_chunk_sizes(g.chunks, want):
@@ -228,8 +232,7 @@ class DaskBackend(Backend):
             def block(gb: Any, a: Any, c: Any) -> Any:  # each side's gradient sums over the other side's blocks
                 return numpy.pairwise_vjp(gb, a, c, eps)[which]
 
-            out = f"{b}nd" if which == 0 else f"{b}md"
-            return da.blockwise(block, out, gr, f"{b}nm", r1, f"{b}nd", r2, f"{b}md", dtype=x1.dtype,
+            return da.blockwise(block, (i1, i2)[which], gr, i_s, r1, i1, r2, i2, dtype=x1.dtype,
                                 concatenate=True, meta=meta)
 
         if x2 is None:  # S(x, x): the row side and the column side, both on x

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from polycos import _core, _outer
+from polycos import _core, _outer, _validate
 from polycos._backends._base import Backend, dtype_name
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ class NumPyBackend(Backend):
         k = _kernels()
         if k is not None:
             return k.backward(g, x1, x2, axis, eps, residuals, out_dtype=acc)
-        shape = np.broadcast_shapes(x1.shape, x2.shape)
+        shape = _validate.broadcast_shapes(x1.shape, x2.shape)
         b1, b2 = (np.broadcast_to(x, shape).astype(acc) for x in (x1, x2))
         with self.quiet():
             return _core.vjp(np, g, b1, b2, axis, eps, eager=True)
@@ -386,7 +386,7 @@ def _product(h1: Any, h2: Any | None, dtype: Any) -> Any:
     # slower than gemm on a transposed copy (measured: 1.5-2x); the copy is O(N D).
     h2t = np.ascontiguousarray(np.swapaxes(h1, -1, -2)) if h2 is None else np.swapaxes(h2, -1, -2)
     n = h1.shape[-2]
-    shape = (*np.broadcast_shapes(h1.shape[:-2], h2t.shape[:-2]), n, h2t.shape[-1])
+    shape = (*_validate.broadcast_shapes(h1.shape[:-2], h2t.shape[:-2]), n, h2t.shape[-1])  # (np: 32 dims at most)
     out = np.empty(shape, dtype=dtype)
     per_row = max(math.prod(shape) // max(n, 1), 1)
     rows = max(256, BLOCK_ELEMENTS // per_row)

@@ -40,6 +40,7 @@ True
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import threading
@@ -635,12 +636,15 @@ def normalize_rows(
         raise ValueError("normalize_rows needs at least one dimension")
     adt = _np_dtype(acc)
     xhat = np.empty(x.shape, dtype=adt)
-    stats = np.empty((3, *x.shape[:-1], 1), dtype=adt)
+    # (3, rows), each viewed as (..., 1): not (3, ..., 1), which would need one
+    # dimension more than x has (NumPy allows 64)
+    stats = np.empty((3, math.prod(x.shape[:-1])), dtype=adt)
     x, ox = _operand(x)
     _, oh = _operand(xhat)
     ptrs = [address(stats[i]) for i in range(3)]
     normalize_rows_ptr(dtype, acc, ox, float(eps), oh, *ptrs, num_threads(nthreads))
-    return RowNorms(xhat, stats[0], stats[1], stats[2])
+    cs, ns, m = (stats[i].reshape(*x.shape[:-1], 1) for i in range(3))
+    return RowNorms(xhat, cs, ns, m)
 
 
 # --------------------------------------------------------------------------- pairwise fast path
