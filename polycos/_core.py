@@ -112,6 +112,7 @@ Mirrors (places that restate this module; each is tested against it)
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -715,20 +716,28 @@ def grad_coefficients(
     s, n1s, n2s, m1, m2 = res
     g = xp.astype(g, s.dtype, copy=False)
 
+    info = xp.finfo(s.dtype)
+    top = float(info.max)
+
     def side(ns: Array, m: Array) -> tuple[Array, Array, Array]:
         e = eps / m if rescaled else xp.full_like(ns, eps)
         cs = xp.maximum(ns, e)
         zero = cs == 0  # eps = 0 and a zero vector: h stays 0 and so does the gradient
-        r = 1 / xp.where(zero, xp.ones_like(cs), cs)
-        u = xp.where(zero, xp.zeros_like(g), g * r)
+        c = xp.where(zero, xp.ones_like(cs), cs)
+        r = 1 / c
+        # 1 / c overflows only for c = eps below 1 / max (a subnormal eps) on a zero row
+        # (a nonzero row that small is rescaled): there u = g / c, and r is capped at
+        # max (h = 0 r stays 0; it was 0 inf = NaN).
+        huge = r > top
+        u = xp.where(zero, xp.zeros_like(g), xp.where(huge, g / c, g * r))
         p = xp.ones_like(u)
         if rescaled:
-            info = xp.finfo(s.dtype)
             k = _GRAD_SHIFT[info.bits]
-            top = float(info.max)
             over = (g <= top) & (g >= -top) & ((u > top) | (u < -top))
-            u = xp.where(over, (g * 2.0**-k) * r, u)
+            down = g * 2.0**-k
+            u = xp.where(over, xp.where(huge, down / c, down * r), u)
             p = xp.where(over, xp.full_like(p, 2.0**k), p)
+        r = xp.where(huge, xp.full_like(r, top), r)
         return u, r, xp.where(ns > e, s, xp.zeros_like(s)), p
 
     u1, r1, t1, p1 = side(n1s, m1)
@@ -1011,6 +1020,41 @@ def _pairwise_shape(x1: Array, x2: Array | None) -> tuple:
     return (*batch, x1.shape[-2], other.shape[-2])
 
 
+def _reciprocal_shift(xp: Any, inv: Array, dtype: Any) -> tuple[Array | None, Array | None]:
+    """Exact powers of two ``(pre, post)`` that keep ``1 / c`` a normal number of ``dtype``.
+
+    Unscaled float32 rows (their squares fit float64) have ``1 / c`` in float64;
+    rounded to float32 it is subnormal for norms above ``1 / tiny`` (rows near
+    ``max``: 143 ulp lost at D = 16384, or 0 where XLA flushes it) and beyond
+    ``max`` below ``1 / max``. There ``(x (inv pre)) post`` with ``pre = 2**64``
+    (``2**-64``) and ``post = 1 / pre``; elsewhere both are 1, the same bits as
+    ``x inv``. ``(None, None)`` when ``inv`` is already in ``dtype``.
+    """
+    if _dtype_name(inv.dtype) == _dtype_name(dtype):
+        return None, None
+    info = xp.finfo(dtype)
+    low, high = inv < float(info.smallest_normal), inv > float(info.max)
+    one = xp.ones_like(inv)
+    pre = xp.where(low, 2.0**64 * one, xp.where(high, 2.0**-64 * one, one))
+    post = xp.where(low, 2.0**-64 * one, xp.where(high, 2.0**64 * one, one))
+    return pre, xp.astype(post, dtype)
+
+
+def _divide_by_scale(xp: Any, d: Array, m: Array) -> Array:
+    """``d / m`` for row scales ``m`` (keepdims), also where ``1 / m`` is subnormal.
+
+    XLA divides by a broadcast divisor as a product with its reciprocal, which
+    it flushes to 0 when subnormal (``m`` past ``2**1022`` in float64): the
+    gradient of a row near the top of the range became 0. Where ``m`` is
+    above the square root of the range, both sides are scaled by an exact
+    power of two first; in IEEE arithmetic the quotient is the same.
+    """
+    info = xp.finfo(m.dtype)
+    half = 2.0 ** ((int(math.log2(float(info.max))) + 1) // 2)  # 2**512 in float64, 2**64 in float32
+    big = m > half
+    return xp.where(big, d / half, d) / xp.where(big, m / half, m)
+
+
 def row_normalize_vjp(xp: Any, r: RowNorms, v: Array, eps: float, h: Array | None = None) -> Array:
     r"""VJP of :math:`x \mapsto \hat x = x / \max(\lVert x\rVert, \varepsilon)` for cotangent ``v``.
 
@@ -1036,11 +1080,16 @@ def row_normalize_vjp(xp: Any, r: RowNorms, v: Array, eps: float, h: Array | Non
     above = _row_above(xp, r, eps)
     proj = xp.expand_dims(xp.vecdot(h, v, axis=-1), axis=h.ndim - 1)
     proj = xp.where(above, proj, xp.zeros_like(proj))
-    inv = xp.astype(_safe_divide(xp, xp.ones_like(r.cs), r.cs), h.dtype, copy=False)  # 1 / c in units of m
-    d = (v - proj * h) * inv
+    inv = _safe_divide(xp, xp.ones_like(r.cs), r.cs)  # 1 / c in units of m, in the accumulation dtype
+    pre, post = _reciprocal_shift(xp, inv, h.dtype) if r.m is None else (None, None)
+    if pre is not None:
+        inv = inv * pre
+    d = (v - proj * h) * xp.astype(inv, h.dtype, copy=False)
+    if post is not None:
+        d = d * post
     if r.m is None:
         return d
-    d = d / xp.astype(r.m, h.dtype, copy=False)
+    d = _divide_by_scale(xp, d, xp.astype(r.m, h.dtype, copy=False))
     if eps == 0:  # only zero rows are at or below 0, and their gradient is 0
         return d
     below = r.ns <= eps / r.m  # (not ~above: a NaN row stays NaN)

@@ -217,6 +217,36 @@ def test_pairwise_gradients_of_rows_far_below_eps(info: BackendInfo, dtype: str)
 
 
 @backends
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_pairwise_gradients_of_rows_near_the_top(info: BackendInfo, dtype: str) -> None:
+    """G3: rows near ``max`` and a cotangent near ``max``, both spellings of pairwise.
+
+    float32 rows are not rescaled (their squares fit float64), and ``1 / c`` was
+    rounded to float32 before multiplying: subnormal there, 143 ulp off at
+    D = 16384 (49 at D = 1024). On JAX the division by the row scale became a
+    product with its reciprocal, subnormal and flushed: every gradient was 0.
+    """
+    if dtype not in info.dtypes:
+        pytest.skip(f"{info.name} does not compute in {dtype} here")
+    top = float(np.finfo(np.float64 if dtype == "float64" else np.float32).max)
+    r = np.random.default_rng(12)
+    x1, x2 = (_round_to(r.uniform(0.5, 0.99, (k, 1024)) * r.choice([-1.0, 1.0], (k, 1024)) * top, dtype)
+              for k in (3, 2))
+    g = _round_to(r.uniform(0.5, 1.0, (3, 2)) * top / 8, dtype)  # (G xhat2 stays finite)
+    a1, a2, ga = info.array(x1, dtype), info.array(x2, dtype), info.array(g, dtype)
+    x1, x2, g = (v.astype(np.float64) for v in (x1, x2, g))
+    # float64 reference: sum over the partner rows of the row-wise VJP
+    want = reference_vjp(g, x1[:, None, :], x2[None, :, :], -1, 1e-8)
+    want = (want[0].sum(axis=1), want[1].sum(axis=0))
+    got = polycos.pairwise_cosine_similarity_vjp(ga, a1, a2, eps=1e-8)
+    b1, b2 = info.array(x1[:, None, :], dtype), info.array(x2[None, :, :], dtype)
+    outer = polycos.cosine_similarity_vjp(ga, b1, b2, dim=-1, eps=1e-8)
+    for spelling, pair in (("pairwise", got), ("outer broadcast", outer)):
+        for d, w in zip(pair, want, strict=True):
+            _assert_close_per_row(to_numpy(d).astype(np.float64).reshape(w.shape), w, dtype, spelling)
+
+
+@backends
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
 def test_gradient_finite_when_the_cotangent_over_the_norm_is_not(info: BackendInfo, dtype: str) -> None:
     """G3 for gradients: a cotangent near the top of the range and a row of small norm (in the
@@ -245,6 +275,38 @@ def test_half_precision_extremes(info: BackendInfo) -> None:
 
 
 # --------------------------------------------------------------------------- G4, G6
+
+
+@backends
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_zero_rows_with_a_subnormal_eps(info: BackendInfo, dtype: str) -> None:
+    """G4 with ``eps`` below ``1 / max`` of the accumulation dtype: ``1 / eps`` overflows.
+
+    The zero row's gradient is ``g x2 / (eps ||x2||)`` (finite for a small ``g``;
+    beyond float32's range for any float32 ``g``, so ``inf`` there) and its
+    partner's is 0; both were NaN (``0 * (1 / eps)``).
+    """
+    if dtype not in info.dtypes:
+        pytest.skip(f"{info.name} does not compute in {dtype} here")
+    # below 1 / max of the accumulation dtype: float64 for float32 where the backend has it
+    acc64 = dtype == "float64" or (dtype == "float32" and "float64" in info.dtypes)
+    eps, g = (1e-310, 1e-300 if dtype == "float64" else 2.0**-126) if acc64 else (1e-40, 2.0**-126)
+    x1 = np.zeros((2, 3))
+    x2 = np.array([[1.0, 2.0, 2.0], [0.0, -3.0, 4.0]])
+    s = polycos.cosine_similarity(info.array(x1, dtype), info.array(x2, dtype), eps=eps)
+    np.testing.assert_array_equal(to_numpy(s).astype(np.float64), [0.0, 0.0])
+    d1, d2 = (to_numpy(d).astype(np.float64) for d in polycos.cosine_similarity_vjp(
+        info.array(np.full(2, g), dtype), info.array(x1, dtype), info.array(x2, dtype), eps=eps))
+    np.testing.assert_array_equal(d2, np.zeros((2, 3)))
+    with np.errstate(over="ignore", under="ignore"):
+        held = float(np.float64(eps) if acc64 else np.float32(eps))  # eps as the accumulation dtype holds it
+        want = (g / held) * (x2 / np.linalg.norm(x2, axis=1, keepdims=True))
+    top = float(np.finfo(np.float64 if dtype == "float64" else np.float32).max)
+    if dtype == "float32" and acc64:  # g / eps is past float32's max
+        want = np.where(np.abs(want) > top, np.copysign(np.inf, want), want)
+        np.testing.assert_array_equal(d1, want)
+    else:
+        np.testing.assert_allclose(d1, want, rtol={"bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 1e-15}[dtype])
 
 
 @backends

@@ -360,6 +360,29 @@ def test_empty_and_zero_d_gradients(x64: bool) -> None:
         np.testing.assert_array_equal(np.asarray(per), np.zeros(3))  # s = 0 or 1, constant: derivative 0
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_subnormal_eps_traces_under_errstate_raise(dtype: str) -> None:
+    """G13: tracing casts eps to the dtype with NumPy; 1e-39 is subnormal in float32, and valid."""
+    a = jnp.ones((2, 3), dtype)
+    b = jnp.arange(6.0).reshape(2, 3).astype(dtype)
+    calls = {
+        "value": lambda e: pj.cosine_similarity(a, b, eps=e),
+        "jit": lambda e: jax.jit(lambda u, v: pj.cosine_similarity(u, v, eps=e))(a, b),
+        "grad": lambda e: jax.grad(lambda u: pj.cosine_similarity(u, b, eps=e).astype(jnp.float32).sum())(a),
+        "jvp": lambda e: jax.jvp(lambda u: pj.cosine_similarity(u, b, eps=e), (a,), (b,))[1],
+        "pairwise": lambda e: pj.pairwise_cosine_similarity(a, b, eps=e),
+        "pairwise_grad": lambda e: jax.grad(lambda u: pj.pairwise_cosine_similarity(u, b, eps=e).astype(jnp.float32).sum())(a),
+        "outer": lambda e: pj.cosine_similarity(a[:, None, :], b[None], dim=-1, eps=e),
+    }
+    for name, call in calls.items():
+        for eps in (1e-39, 1e-45):
+            expected = np.asarray(call(eps), np.float64)
+            with np.errstate(all="raise"), warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = np.asarray(call(eps), np.float64)
+            np.testing.assert_array_equal(got, expected, err_msg=f"{name}, eps={eps}")
+
+
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_numpy_inputs_follow_numpys_input_policy() -> None:
     """polycos.jax converts NumPy arrays as jax.numpy does, after polycos's NumPy checks (not JAX's errors)."""

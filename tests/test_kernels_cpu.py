@@ -367,6 +367,9 @@ def _pairwise_rows(dtype: str, rows: int = 40, d: int = 37) -> np.ndarray:
     if dtype == "float64":
         x[7] *= 1e290
         x[8] *= 1e-300
+    else:  # unscaled float32: 1 / c is subnormal (norm near max), or past max (subnormal row)
+        x[7] = np.abs(x[7]) / np.abs(x[7]).max() * 3e38 * np.sign(x[7])
+        x[8] = np.round(x[8] / np.abs(x[8]).max() * 8) * 2.0**-149
     return x.astype(dtype)
 
 
@@ -474,7 +477,11 @@ def test_normalize_vjp_mirrors_core(dtype: str, eps: float) -> None:
     """
     x = _pairwise_rows(dtype)
     rng = np.random.default_rng(32)
-    v = rng.standard_normal(x.shape).astype(dtype)
+    v = rng.standard_normal(x.shape)
+    if dtype == "float32":  # gradients in range for the rows of norm near max (7) and subnormal (8)
+        v[7] *= 2.0**100
+        v[8] *= 2.0**-100
+    v = v.astype(dtype)
     rescaled = dtype == "float64"
     h, stats = K.normalize_pair(x, None, eps, work=True, stats=True)
     want = _normalize_vjp_reference(h, v, stats, eps, rescaled)
@@ -489,6 +496,8 @@ def test_normalize_vjp_mirrors_core(dtype: str, eps: float) -> None:
         err = np.abs(arr.astype(np.longdouble) - want)
         assert np.all(np.where(ok, err <= 8 * tiny * scale, True))
     assert np.array_equal(np.isnan(got), np.isnan(core))  # the NaN row, only
+    if dtype == "float32":  # 1 / c not a normal float32 (shifted by 2**64): checked above, and in range
+        assert np.isfinite(got[7:9]).all() and (got[7:9] != 0).all()
     assert np.all(np.isnan(got[6]))
     assert not np.isnan(np.delete(got, 6, axis=0)).any()
     # a zero row: linear below eps (v / eps), zero with eps = 0

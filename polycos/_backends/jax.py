@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+import functools
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
@@ -200,6 +201,23 @@ def _varying_as(outs: Any, ins: tuple) -> Any:
     return jax.tree.map(mark, outs)
 
 
+def _quiet(fn: Callable) -> Callable:
+    """``fn`` traced with NumPy's underflow ignored (G13).
+
+    Tracing the core casts ``eps`` (a Python float) to the arrays' dtype with
+    NumPy; a subnormal result (``eps = 1e-39`` in float32) is valid, but under
+    ``np.errstate(all="raise")`` the cast would raise ``FloatingPointError``.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(under="ignore"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_quiet
 def _core_primal(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
     out, res = _core.forward(xp, x1, x2, axis, eps, native_dots=_dots, branch=_branch, scale=_pow2_scale(eps))
     return out, _core.pack_residuals(xp, res, axis)
@@ -244,6 +262,7 @@ def cosine(x1: jax.Array, x2: jax.Array, axis: int, eps: float) -> tuple[jax.Arr
 
 
 @cosine.defjvp
+@_quiet
 def _cosine_jvp(axis: int, eps: float, primals: tuple, tangents: tuple) -> tuple:
     """Tangents of ``s`` and of the residuals ``(s, n1s, n2s, m1, m2)`` (the scales are piecewise constant)."""
     x1, x2 = primals
@@ -310,6 +329,7 @@ def _tangent_shape(*shapes: tuple, axis: int, present: tuple, **_: Any) -> tuple
     return jnp.broadcast_shapes(full[:axis] + full[axis + 1 :], tuple(packed[:-1]))
 
 
+@_quiet
 def _tangent_core(*operands: jax.Array, axis: int, eps: float, present: tuple, dtype: Any) -> jax.Array:
     """The tangent map in ``jax.numpy``: the core's JVP (:func:`polycos._core.jvp_accumulated`)."""
     t1, t2, x1, x2, packed = _unpack(operands, present)
@@ -427,6 +447,7 @@ def _pullback_jvp(axis: int, eps: float, shape1: tuple, shape2: tuple, primals: 
     return pullback(*primals, axis, eps, shape1, shape2), jax.jvp(core, primals, tangents)[1]
 
 
+@_quiet
 def _core_pullback(
     g: jax.Array, x1: jax.Array, x2: jax.Array, packed: jax.Array, axis: int, eps: float, shape1: tuple, shape2: tuple,
 ) -> tuple[jax.Array, jax.Array]:
@@ -572,6 +593,7 @@ def pairwise_vjp(g: jax.Array, x1: jax.Array, x2: jax.Array | None, eps: float) 
     return d[0], (d[1] if x2 is not None else None)
 
 
+@_quiet
 def _normalize(x: jax.Array, eps: float) -> _core.RowNorms:
     return _core.normalize_rows(xp, x, eps, scale=_pow2_scale(eps))
 
@@ -621,6 +643,7 @@ class _PairwiseTangent:
         return (_core.pairwise_jvp(xp, t1, t2, x1, x2, eps),)
 
 
+@_quiet
 def _ptangent_core(*operands: jax.Array, eps: float, present: tuple, selfsim: bool) -> jax.Array:
     fn = _PairwiseTangent(present, selfsim)
     if _scoped(operands[0].dtype):  # float32 with x64 off: the float64 products in the scope
@@ -679,11 +702,13 @@ def _present(*xs: jax.Array | None) -> tuple[jax.Array, ...]:
     return tuple(x for x in xs if x is not None)
 
 
+@_quiet
 def _pairwise_core(x1: jax.Array, *x2: jax.Array, eps: float) -> tuple[jax.Array]:
     return _core.pairwise_forward(xp, x1, x2[0] if x2 else None, eps, native_normalize=_normalize,
                                   native_product=_product)[:1]
 
 
+@_quiet
 def _pairwise_vjp_core(g: jax.Array, x1: jax.Array, *x2: jax.Array, eps: float) -> tuple[jax.Array, ...]:
     d1, d2 = _core.pairwise_vjp(xp, g, x1, x2[0] if x2 else None, eps, native_normalize=_normalize,
                                 native_tmatmul=_tmatmul)

@@ -818,8 +818,14 @@ def _row_normalize_vjp(v: torch.Tensor, h: torch.Tensor, stats: torch.Tensor, ep
     cs, ns = stats[0], stats[1]
     above = ns > (eps / stats[2] if rescaled else eps)
     proj = torch.linalg.vecdot(h, v).unsqueeze(-1).masked_fill_(above.logical_not_(), 0.0)  # 0 at or below eps
-    inv = cs.reciprocal().masked_fill_(cs == 0, 0.0).to(h.dtype)  # 1 / c, 0 where c = 0 (eps = 0, zero row)
-    d = (v - proj * h) * inv
+    inv = cs.reciprocal().masked_fill_(cs == 0, 0.0)  # 1 / c, 0 where c = 0 (eps = 0, zero row)
+    if not rescaled and inv.dtype != h.dtype:  # (_core._reciprocal_shift: 1 / c a normal float32)
+        fi = torch.finfo(h.dtype)
+        low, high = inv < fi.tiny, inv > fi.max
+        pre = torch.where(low, 2.0**64, torch.where(high, 2.0**-64, 1.0)).to(inv.dtype)
+        post = torch.where(low, 2.0**-64, torch.where(high, 2.0**64, 1.0)).to(h.dtype)
+        return ((v - proj * h) * (inv * pre).to(h.dtype)) * post
+    d = (v - proj * h) * inv.to(h.dtype)
     if not rescaled:
         return d
     d = d / stats[2].to(h.dtype)

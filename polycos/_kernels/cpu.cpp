@@ -2294,7 +2294,8 @@ template <class Cf> void normalize_dispatch(const Call& c, i64 r0, i64 r1) {
 // combined by a fixed tree: more accurate than W, and the same bits on every
 // clone); inv = 1 / cs (0 where cs == 0) rounded to W;
 // d = ((v - proj h) inv) / m, in W; a rescaled row at or below eps > 0 is
-// v / eps (inv / m would underflow first).
+// v / eps (inv / m would underflow first); an unscaled row whose 1 / cs is not
+// a normal W (float32 norms past 1 / FLT_MIN) is shifted by 2^64 (_core._reciprocal_shift).
 template <typename W, typename A>
 void normalize_vjp_rows(const Call& c, i64 r0, i64 r1) {
     const i64 n = c.plan.n;
@@ -2326,6 +2327,15 @@ void normalize_vjp_rows(const Call& c, i64 r0, i64 r1) {
             for (i64 k = 0; k < n; ++k) d[k] = v[k] / we;
         } else if (ms && wm != W(1)) {
             for (i64 k = 0; k < n; ++k) d[k] = ((v[k] - proj * h[k]) * inv) / wm;
+        } else if (sizeof(A) > sizeof(W) && !(A(1) / csr >= A(std::numeric_limits<W>::min()) &&
+                                              A(1) / csr <= A(std::numeric_limits<W>::max())) &&
+                   csr != A(0) && !(csr != csr)) {
+            // _core._reciprocal_shift: 1 / cs is not a normal W (float32 norms past
+            // 1 / FLT_MIN, or below 1 / FLT_MAX); (x (inv 2^64)) 2^-64, or 2^-64 and 2^64
+            const bool low = A(1) / csr < A(std::numeric_limits<W>::min());
+            const W shifted = W((A(1) / csr) * (low ? A(0x1p64) : A(0x1p-64)));
+            const W post = low ? W(0x1p-64) : W(0x1p64);
+            for (i64 k = 0; k < n; ++k) d[k] = ((v[k] - proj * h[k]) * shifted) * post;
         } else {
             for (i64 k = 0; k < n; ++k) d[k] = (v[k] - proj * h[k]) * inv;
         }

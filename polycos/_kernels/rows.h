@@ -265,30 +265,37 @@ template <typename V> struct GradCoefs {
 // m == 1 and eps / m is eps itself).
 template <bool R, typename V>
 PC_HD GradCoefs<V> grad_coefficients(V g, const Res5<V>& res, V eps) {
+    typedef typename ScalarOf<V>::type A;
     GradCoefs<V> k;
+    const V top = splat<V>(Lim<A>::max());
     const V e1 = R ? eps / res.m1 : eps, e2 = R ? eps / res.m2 : eps;
     const V cs1 = pmax(res.n1s, e1), cs2 = pmax(res.n2s, e2);
     const V c1 = (cs1 == 0) ? splat<V>(1) : cs1;
     const V c2 = (cs2 == 0) ? splat<V>(1) : cs2;
     k.r1 = splat<V>(1) / c1;
     k.r2 = splat<V>(1) / c2;
-    k.u1 = (cs1 == 0) ? V{} : g * k.r1;
-    k.u2 = (cs2 == 0) ? V{} : g * k.r2;
+    // 1 / c overflows only for c = eps below 1 / max (a subnormal eps) on a zero row
+    // (a nonzero row that small is rescaled): there u = g / c, and r is capped at max
+    // (h = 0 r stays 0; it was 0 inf = NaN).
+    const auto huge1 = k.r1 > top, huge2 = k.r2 > top;
+    k.u1 = (cs1 == 0) ? V{} : huge1 ? g / c1 : g * k.r1;
+    k.u2 = (cs2 == 0) ? V{} : huge2 ? g / c2 : g * k.r2;
     k.p1 = splat<V>(1);
     k.p2 = splat<V>(1);
     if (R) {
         // g / c overflows where the gradient need not (a finite g near max, c of a row in the
         // safe range, down to 2^-230 / 2^-20): then g 2^-k / c, and 2^k after the last product.
-        typedef typename ScalarOf<V>::type A;
-        const V top = splat<V>(Lim<A>::max());
+        const V down = splat<V>(Lim<A>::down());
         const auto finite = (g <= top) & (g >= -top);
         const auto over1 = finite & ((k.u1 > top) | (k.u1 < -top));
         const auto over2 = finite & ((k.u2 > top) | (k.u2 < -top));
-        k.u1 = over1 ? (g * splat<V>(Lim<A>::down())) * k.r1 : k.u1;
-        k.u2 = over2 ? (g * splat<V>(Lim<A>::down())) * k.r2 : k.u2;
+        k.u1 = over1 ? (huge1 ? (g * down) / c1 : (g * down) * k.r1) : k.u1;
+        k.u2 = over2 ? (huge2 ? (g * down) / c2 : (g * down) * k.r2) : k.u2;
         k.p1 = over1 ? splat<V>(Lim<A>::up()) : k.p1;
         k.p2 = over2 ? splat<V>(Lim<A>::up()) : k.p2;
     }
+    k.r1 = huge1 ? top : k.r1;
+    k.r2 = huge2 ? top : k.r2;
     k.t1 = (res.n1s > e1) ? res.s : V{};
     k.t2 = (res.n2s > e2) ? res.s : V{};
     k.m1 = res.m1;
