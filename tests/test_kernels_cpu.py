@@ -497,7 +497,8 @@ def test_normalize_vjp_mirrors_core(dtype: str, eps: float) -> None:
         assert np.all(np.where(ok, err <= 8 * tiny * scale, True))
     assert np.array_equal(np.isnan(got), np.isnan(core))  # the NaN row, only
     if dtype == "float32":  # 1 / c not a normal float32 (shifted by 2**64): checked above, and in range
-        assert np.isfinite(got[7:9]).all() and (got[7:9] != 0).all()
+        assert np.isfinite(got[7:9]).all()
+        assert (got[7:9] != 0).all()
     assert np.all(np.isnan(got[6]))
     assert not np.isnan(np.delete(got, 6, axis=0)).any()
     # a zero row: linear below eps (v / eps), zero with eps = 0

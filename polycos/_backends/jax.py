@@ -44,10 +44,10 @@ product XLA sends to its fast GEMM.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-import functools
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
