@@ -30,10 +30,12 @@ Examples
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 __all__ = [
@@ -68,11 +70,19 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def from_numpy(xp: Any, a: np.ndarray, dtype: str | None = None) -> Any:
-    """``a`` as an array of the library whose namespace (or array) is ``xp`` (``dtype`` by name)."""
+    """``a`` as an array of the library whose namespace (or array) is ``xp`` (``dtype`` by name).
+
+    Given an array, ``a`` comes out on that array's device.
+    """
     from polycos import _backends
 
-    name = _namespace_backend(xp)
-    return _backends.get(name).from_numpy(np.asarray(a), dtype, xp=xp)
+    if isinstance(xp, types.ModuleType):
+        return _backends.get(_namespace_backend(xp)).from_numpy(np.asarray(a), dtype, xp=xp)
+    like = (("xp", xp),)
+    backend = _backends.backend_for(like)  # the registry's owner of the array (TypeError if none)
+    return backend.from_numpy(
+        np.asarray(a), dtype, xp=backend.namespace(like), device=array_api_compat.device(xp)
+    )
 
 
 def _namespace_backend(xp: Any) -> str:
@@ -221,10 +231,24 @@ def reference_vjp(
 # --------------------------------------------------------------------------- asserts
 
 
+#: Significand bits of the floating dtypes polycos computes in, by name.
+_MANTISSA = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
+#: The dtypes :func:`cosine_inputs` draws and the asserts measure in ulps.
+DTYPES = tuple(_MANTISSA)
+
+
 def _ulp_one(dtype_name: str) -> float:
     """ulp(1.0) of a floating dtype by name (bfloat16 included)."""
-    bits = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
-    return 2.0 ** -bits[dtype_name]
+    return 2.0 ** -_MANTISSA[dtype_name]
+
+
+def _floating(what: str, x: Any) -> str:
+    """The dtype name of ``x``, asserted to be one whose ulp the asserts know."""
+    name = _dtype_name(x)
+    assert name in _MANTISSA, (
+        f"{what} has dtype {name}, not a floating dtype ({', '.join(DTYPES)})"
+    )
+    return name
 
 
 def _finfo(name: str) -> Any:
@@ -247,10 +271,13 @@ def assert_matches_reference(
     Also asserts ``|result| <= 1``, the broadcast result shape, and NaN exactly
     where the reference is NaN. ``ulp(1.0)`` is that of ``result``'s dtype.
     """
+    ulp = _ulp_one(_floating("result", result))
     r = to_numpy(result).astype(np.float64)
     ref = reference(x1, x2, dim, eps)
     assert r.shape == ref.shape, f"shape {r.shape} != expected {ref.shape}"
     nan_r, nan_ref = np.isnan(r), np.isnan(ref)
+    if not r.ndim:  # no index to name
+        assert nan_r == nan_ref, f"NaN differs from the reference: got {r.item()}, expected {ref.item()}"
     assert np.array_equal(nan_r, nan_ref), (
         f"NaN at {np.argwhere(nan_r != nan_ref)[:5].tolist()} differs from the reference"
     )
@@ -258,8 +285,7 @@ def assert_matches_reference(
     assert np.all(np.abs(r[ok]) <= 1.0), f"|s| > 1: max {np.max(np.abs(r[ok]))!r}"
     if ok.any():
         err = np.max(np.abs(r[ok] - ref[ok]))
-        tol = ulps * _ulp_one(_dtype_name(result))
-        assert err <= tol, f"error {err:.3g} = {err / _ulp_one(_dtype_name(result)):.3g} ulp(1) > {ulps} ulp(1)"
+        assert err <= ulps * ulp, f"error {err:.3g} = {err / ulp:.3g} ulp(1) > {ulps} ulp(1)"
 
 
 def assert_vjp_matches_reference(
@@ -286,6 +312,7 @@ def assert_vjp_matches_reference(
     _, _, _, c1, c2 = _stats(a1, a2, d, eps)
     g = np.abs(np.expand_dims(np.broadcast_to(to_numpy(grad).astype(np.float64), tuple(n for i, n in enumerate(shape) if i != d)), d))
     for name, got, ref, c, x in (("x1", grads[0], refs[0], c1, x1), ("x2", grads[1], refs[1], c2, x2)):
+        _floating(f"grad of {name}", got)
         got_np = to_numpy(got).astype(np.float64)
         assert got_np.shape == ref.shape, f"grad of {name}: shape {got_np.shape} != {ref.shape}"
         with np.errstate(all="ignore"):
@@ -315,19 +342,53 @@ def assert_vjp_matches_reference(
         )
 
 
-def available_backends() -> dict[str, Callable[[np.ndarray], Any]]:
+def available_backends(dtype: str | None = None) -> dict[str, Callable[[np.ndarray], Any]]:
     """Installed array libraries polycos supports here, as ``name -> from_numpy``.
 
     Asks the backend registry (:mod:`polycos._backends`); CuPy counts only with a usable GPU.
+    With ``dtype`` (a name, e.g. ``"float16"``), only the libraries that have
+    arrays of that dtype (array-api-strict has no ``float16`` nor ``bfloat16``).
     """
     from polycos import _backends
 
     out: dict[str, Callable[[np.ndarray], Any]] = {}
     for name in _backends.installed():
         backend = _backends.get(name)
-        if backend.usable():
+        if backend.usable() and (dtype is None or _holds(backend, dtype)):
             out[name] = lambda a, b=backend: b.from_numpy(np.asarray(a))
     return out
+
+
+_HOLDS: dict[tuple[str, str], bool] = {}
+
+
+def _holds(backend: Any, dtype: str) -> bool:
+    """Whether the backend's library has arrays of ``dtype`` (by name); asked once per pair."""
+    key = (backend.name, dtype)
+    if key not in _HOLDS:
+        holds = dtype in backend.dtypes
+        if holds:  # the backends' dtype lists are polycos' own; the library may still lack one
+            try:
+                backend.from_numpy(np.zeros(1, np.float32), dtype)
+            except (AttributeError, TypeError):  # no such dtype there (array_api_strict.float16)
+                holds = False
+        _HOLDS[key] = holds
+    return _HOLDS[key]
+
+
+def _promoted(*names: str) -> str:
+    """NumPy's promotion of floating dtype names (bfloat16 included): what polycos returns."""
+    if len(set(names)) == 1:
+        return names[0]
+    return _dtype_name(np.result_type(*(_np_dtype(n) for n in names)))
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def assert_backends_agree(
@@ -341,17 +402,42 @@ def assert_backends_agree(
 ) -> None:
     """Run ``polycos.cosine_similarity`` on every installed backend and check them all.
 
-    Each backend must return its own array type, and match the exact reference
-    to ``ulps`` × ulp(1.0); so all backends agree with each other to twice that.
-    The same holds for :func:`polycos.cosine_similarity_vjp`.
+    Each backend must return its own array type and the promoted dtype of the
+    inputs it was given, and match the exact reference to ``ulps`` × ulp(1.0);
+    so all backends agree with each other to twice that. The same holds for
+    :func:`polycos.cosine_similarity_vjp`. Size-0 results agree trivially;
+    their shapes and dtypes are still checked.
+
+    ``backends`` (default: every one :func:`available_backends` lists) names
+    the libraries; by default those without arrays of the inputs' dtypes are
+    left out (array-api-strict for ``float16`` and ``bfloat16``), named
+    explicitly they are a ``ValueError``, as is a name not available here.
     """
     import polycos
+    from polycos import _backends
 
     found = available_backends()
-    names = list(backends) if backends is not None else list(found)
-    grad = np.linspace(-1.0, 1.0, num=max(1, int(np.prod(reference(x1, x2, dim, eps).shape)))).reshape(
-        reference(x1, x2, dim, eps).shape
-    ).astype(x1.dtype if x1.dtype == x2.dtype else np.result_type(x1, x2))
+    floating = [_dtype_name(x) for x in (x1, x2) if _dtype_name(x) in _MANTISSA]
+    dtypes = list(dict.fromkeys(floating))  # (integer and bool inputs are promoted: any library has them)
+    if backends is None:
+        names = [n for n in found if all(_holds(_backends.get(n), dt) for dt in dtypes)]
+    else:
+        names = list(backends)
+        known = [e.name for e in _backends.ENTRIES]
+        for name in names:
+            if name not in known:
+                raise ValueError(f"no backend called {name!r}; known: {', '.join(known)}")
+            if name not in found:
+                raise ValueError(
+                    f"backend {name!r} is not available here (available: {', '.join(found)})"
+                )
+            lacking = [dt for dt in dtypes if not _holds(_backends.get(name), dt)]
+            if lacking:
+                raise ValueError(f"backend {name!r} has no {' nor '.join(lacking)} arrays")
+    ref_shape = reference(x1, x2, dim, eps).shape
+    grad_dtype = _np_dtype(_promoted(*floating)) if len(floating) == 2 else np.dtype(np.float64)
+    # num=size, not max(1, size): an empty result gets an empty cotangent
+    grad = np.linspace(-1.0, 1.0, num=int(np.prod(ref_shape))).reshape(ref_shape).astype(grad_dtype)
     for name in names:
         convert = found[name]
         a1, a2 = convert(x1), convert(x2)
@@ -359,9 +445,20 @@ def assert_backends_agree(
         assert type(s).__module__.split(".")[0] == type(a1).__module__.split(".")[0], (
             f"{name}: result is {type(s).__name__}, not the input's array type"
         )
+        # Floating inputs: the promoted dtype of the arrays the library holds (JAX without x64
+        # holds float64 as float32). Integer inputs become each library's own default float.
+        want = _promoted(_dtype_name(a1), _dtype_name(a2)) if len(floating) == 2 else None
+        _assert_dtype(name, "result", s, want)
         assert_matches_reference(s, x1, x2, dim, eps, ulps=ulps)
         g = polycos.cosine_similarity_vjp(convert(grad), a1, a2, dim, eps)
+        _assert_dtype(name, "grad of x1", g[0], want)
+        _assert_dtype(name, "grad of x2", g[1], want)
         assert_vjp_matches_reference(g, grad, x1, x2, dim, eps)
+
+
+def _assert_dtype(backend: str, what: str, x: Any, want: str | None) -> None:
+    got = _dtype_name(x)
+    assert want is None or got == want, f"{backend}: {what} has dtype {got}, expected {want}"
 
 
 # --------------------------------------------------------------------------- strategies
@@ -419,6 +516,13 @@ def cosine_inputs(
     from hypothesis import strategies as st
     from hypothesis.extra.array_api import make_strategies_namespace
 
+    for what, given, accepted in (("dtypes", dtypes, DTYPES), ("kinds", kinds, KINDS)):
+        if isinstance(given, str) or not given:
+            raise ValueError(f"{what} must be a non-empty sequence of names from {', '.join(accepted)}; "
+                             f"got {given!r}")
+        bad = [v for v in given if v not in accepted]
+        if bad:
+            raise ValueError(f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(accepted)}")
     xps = make_strategies_namespace(np)
 
     @st.composite
@@ -441,8 +545,7 @@ def cosine_inputs(
         e = draw(eps) if eps is not None else draw(st.sampled_from([1e-8, 0.0, 0.5]))
         x1 = _round_to(x1, dtype)
         x2 = _round_to(x2, dtype)
-        if xp is np:
-            return CosineCase(x1.astype(dtype), x2.astype(dtype), dim, e, kind)
+        # the backend's conversion for NumPy too: it knows bfloat16 (ml_dtypes), astype does not
         return CosineCase(from_numpy(xp, x1, dtype), from_numpy(xp, x2, dtype), dim, e, kind)
 
     return draw_case()

@@ -269,6 +269,16 @@ def test_backends_without_a_driver_are_measured(backend: str) -> None:
         assert "dask normalise+dot" in {c.name for c in case.candidates if c.kind == "peer"}
 
 
+def test_a_dtype_the_library_lacks_is_named_in_the_skip_note() -> None:
+    if "array_api_strict" not in INSTALLED:
+        pytest.skip("array_api_strict is not installed")
+    from polycos.bench._suites import build_case
+
+    case = build_case("forward", (16, 4), "float16", ["numpy", "array_api_strict"], compile=False)
+    notes = [n for n in case.notes if n.startswith("array_api_strict:")]
+    assert notes == ["array_api_strict: skipped, array_api_strict has no float16 arrays"]
+
+
 def test_bytes_and_gbps(command_run: tuple[dict[str, Any], str, Path]) -> None:
     doc, _, _ = command_run
     for r in doc["results"]:
@@ -325,19 +335,91 @@ def test_targets_in_the_document(command_run: tuple[dict[str, Any], str, Path]) 
         (["--min-time", "-1"], "--min-time", "-1"),
         (["--allocator", "jemalloc"], "--allocator", "jemalloc"),
         (["--jax-dispatch", "eager"], "--jax-dispatch", "eager"),
+        (["--min-time", "inf"], "--min-time", "inf"),
+        (["--min-time", "1e999"], "--min-time", "1e999"),
         (["--json", "/nonexistent-dir/x.json"], "--json", "/nonexistent-dir"),
+        (["--json", "/proc/x.json"], "--json", "/proc/x.json"),  # a directory nothing can be created in
+        (["--plot", "/proc/x.png"], "--plot", "/proc/x.png"),
         (["--plot", "plot.svg"], "--plot", "plot.svg"),
+        (["--sizes", "-5x256"], "--sizes", "-5x256"),  # not taken for an option
+        (["--pairwise-sizes", "-8x4", "--ops", "pairwise"], "--pairwise-sizes", "-8x4"),
     ],
 )
 def test_bad_arguments_exit_2_naming_them(
-    args: list[str], argument: str, value: str, capsys: pytest.CaptureFixture[str]
+    args: list[str], argument: str, value: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(cli, "_bench", lambda args, argv: pytest.fail("accepted: the run would start"))
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {argument}" in err
     assert value in err
+
+
+def test_output_paths_are_checked_without_a_trace(tmp_path: Path) -> None:
+    """Checking that an output can be written creates nothing and changes nothing."""
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    args = cli.build_parser().parse_args(
+        ["bench", "--json", str(tmp_path / "new.json"), "--plot", str(tmp_path / "new.png")])
+    assert args.json == tmp_path / "new.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]
+    cli.build_parser().parse_args(["bench", "--json", str(kept)])
+    assert kept.read_text() == "{}"
+
+
+def _bench_on(doc: dict[str, Any], monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, list]:
+    """``polycos bench`` with ``argv``, the run replaced by ``doc``; the plots it wrote."""
+    from polycos.bench import _report
+
+    plots: list = []
+    monkeypatch.setattr(cli, "run_with_progress", lambda config, show: doc)
+    monkeypatch.setattr(_report, "print_report", lambda doc, console: None)
+    monkeypatch.setattr(_report, "write_plot", lambda doc, path: plots.append(path))
+    return cli.main(["bench", "--no-progress", *argv]), plots
+
+
+_MEASURED = {"results": [{"kind": "floor"}, {"kind": "polycos"}], "errors": []}
+
+
+def test_a_failed_write_is_reported_and_the_other_output_still_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from polycos.bench import _report
+
+    def full(doc: dict[str, Any], path: Any) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(_report, "write_json", full)
+    rc, plots = _bench_on(_MEASURED, monkeypatch, ["--json", str(tmp_path / "r.json"),
+                                                   "--plot", str(tmp_path / "r.png")])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert plots == [tmp_path / "r.png"]  # the plot is not lost
+    assert "Traceback" not in err
+    assert f"--json: cannot write {tmp_path / 'r.json'}: No space left on device" in err
+    assert f"wrote {tmp_path / 'r.png'}" in out
+
+
+def test_nothing_measured_exits_nonzero(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert _bench_on({"results": [{"kind": "floor"}], "errors": []}, monkeypatch, [])[0] == 1
+    assert "no polycos subject was measured" in capsys.readouterr().err
+    assert _bench_on(_MEASURED, monkeypatch, [])[0] == 0
+
+
+def test_version_is_single_sourced(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    import polycos
+
+    assert importlib.metadata.version("polycos") == polycos.__version__
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"polycos {polycos.__version__}"
 
 
 def test_no_subcommand_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -396,6 +478,30 @@ def test_thread_environment() -> None:
     env = thread_env("all", {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "POLYCOS_NUM_THREADS": "1"})
     assert env["POLYCOS_NUM_THREADS"] == str(usable_cpus())
     assert "XLA_FLAGS" not in env
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5"])
+def test_a_bad_thread_count_fails_at_every_size(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``POLYCOS_NUM_THREADS`` (which the bench sets per thread count) is checked for small
+    work too, not only where the CPU kernel would start threads."""
+    import numpy as np
+
+    from polycos import _kernels
+
+    if not _kernels.available():
+        pytest.skip("the CPU kernel is not built")
+    import polycos
+
+    small, large = np.ones((8, 4)), np.ones((1024, 128))
+    monkeypatch.setenv("POLYCOS_NUM_THREADS", value)
+    for x in (small, large):
+        with pytest.raises(ValueError, match=f"POLYCOS_NUM_THREADS must be a positive integer, got '{value}'"):
+            polycos.pairwise_cosine_similarity(x)
+        with pytest.raises(ValueError, match="POLYCOS_NUM_THREADS"):
+            polycos.cosine_similarity(x, x)
+    monkeypatch.setenv("POLYCOS_NUM_THREADS", "1")  # read again on the next call
+    assert polycos.pairwise_cosine_similarity(small).shape == (8, 8)
+    assert polycos.pairwise_cosine_similarity(large).shape == (1024, 1024)
 
 
 def test_jax_dispatch_setting() -> None:

@@ -9,6 +9,7 @@ product of normalised rows. Values and gradients are checked for dask in
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 import pytest
@@ -76,6 +77,30 @@ def test_pairwise_is_lazy_and_chunkwise() -> None:
     want = polycos.pairwise_cosine_similarity_vjp(s_np, a, b)
     for got_, want_ in zip(g_np, want, strict=True):
         np.testing.assert_allclose(got_, want_, rtol=1e-5, atol=1e-6)
+
+
+def test_pairwise_of_many_row_blocks_does_not_warn() -> None:
+    """docs/pairwise.md's call: 20 row blocks give 20 x 20 blocks of S, as meant, without
+    dask's PerformanceWarning ("Increasing number of chunks by factor of 20"; G13)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = da.random.standard_normal((200_000, 256), chunks=(10_000, 256)).astype("float32")
+        s = polycos.pairwise_cosine_similarity(x)  # the docs' graph, not computed here
+        assert s.numblocks == (20, 20)
+        a = np.random.default_rng(16).standard_normal((200, 8))
+        x = da.from_array(a, chunks=(10, 8))  # the same block counts, small enough to compute
+        y = da.from_array(a[:150], chunks=(10, 8))
+        s = polycos.pairwise_cosine_similarity(x)
+        d = polycos.cosine_similarity(x[:, None, :], y[None, :, :], dim=-1)  # the outer broadcast
+        (g,) = polycos.pairwise_cosine_similarity_vjp(s, x)
+        g1, g2 = polycos.cosine_similarity_vjp(d, x[:, None, :], y[None, :, :], dim=-1)
+        with dask.config.set(scheduler="threads"):
+            top, d_np, g_np, g1_np, g2_np = dask.compute(s[:10].max(axis=1), d, g, g1, g2)
+    np.testing.assert_allclose(top, 1.0)
+    assert_matches_reference(d_np, a[:, None, :], a[None, :150, :], -1, ulps=(8 + 4) / 2)  # float64: (D + 4)/2
+    np.testing.assert_allclose(g_np, polycos.pairwise_cosine_similarity_vjp(s.compute(), a)[0], atol=1e-13)
+    assert g1_np.shape == (200, 1, 8)
+    assert g2_np.shape == (1, 150, 8)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="dask.distributed not installed")

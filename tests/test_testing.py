@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import array_api_strict as xs
 import numpy as np
 import pytest
@@ -15,9 +18,12 @@ from polycos.testing import (
     assert_backends_agree,
     assert_matches_reference,
     assert_vjp_matches_reference,
+    available_backends,
     cosine_inputs,
+    from_numpy,
     reference,
     reference_vjp,
+    to_numpy,
 )
 
 
@@ -104,3 +110,81 @@ def test_backends_agree_on_installed_backends():
     x1[3] = 0.0
     assert_backends_agree(x1, x2, dim=-1, eps=1e-8)
     assert_backends_agree(x1.astype(np.float64), x2.astype(np.float64), dim=1, eps=0.0)
+
+
+def test_backends_agree_on_empty_results() -> None:
+    """Size-0 results agree trivially; their shapes and dtypes are still checked."""
+    assert_backends_agree(np.ones((0, 3)), np.ones((0, 3)), dim=1)
+    assert_backends_agree(np.ones((0, 3), np.float32), np.ones((1, 3), np.float32), dim=-1)
+    assert_backends_agree(np.ones((2, 0)), np.ones((2, 0)), dim=0)  # two rows of no elements
+
+
+def test_backends_agree_checks_dtypes_of_empty_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = polycos.cosine_similarity
+    monkeypatch.setattr(polycos, "cosine_similarity", lambda *a, **k: real(*a, **k).astype(np.float32))
+    with pytest.raises(AssertionError, match=r"numpy: result has dtype float32, expected float64"):
+        assert_backends_agree(np.ones((0, 3)), np.ones((0, 3)), backends=["numpy"])
+
+
+def test_backends_without_the_dtype_are_skipped_unless_asked_for() -> None:
+    import ml_dtypes
+
+    x = np.random.default_rng(3).standard_normal((3, 5))
+    assert "array_api_strict" in available_backends()
+    assert "array_api_strict" not in available_backends("float16")  # array-api-strict has no float16
+    assert "numpy" in available_backends("float16")
+    assert_backends_agree(x.astype(np.float16), x[::-1].astype(np.float16))
+    assert_backends_agree(x.astype(ml_dtypes.bfloat16), x[::-1].astype(ml_dtypes.bfloat16))
+    with pytest.raises(ValueError, match=r"array_api_strict.*float16"):
+        assert_backends_agree(x.astype(np.float16), x.astype(np.float16), backends=["array_api_strict"])
+
+
+def test_bfloat16_cases_on_numpy() -> None:
+    """In a fresh interpreter: NumPy knows the name "bfloat16" only once ml_dtypes is imported."""
+    code = (
+        "import sys, numpy as np\n"
+        "from hypothesis import given, settings\n"
+        "from polycos.testing import cosine_inputs\n"
+        "@settings(max_examples=10, deadline=None, database=None)\n"
+        "@given(cosine_inputs(np, dtypes=('bfloat16',)))\n"
+        "def check(case):\n"
+        "    assert str(case.x1.dtype) == str(case.x2.dtype) == 'bfloat16', case\n"
+        "assert 'ml_dtypes' not in sys.modules\n"
+        "check()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("module", ["numpy", "torch", "jax.numpy", "dask.array", "array_api_strict"])
+def test_from_numpy_takes_a_namespace_or_an_array(module: str) -> None:
+    xp = pytest.importorskip(module)
+    like = xp.ones(1)
+    a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    for ref in (xp, like):
+        x = from_numpy(ref, a, "float32")
+        assert type(x) is type(like), (ref, type(x))
+        assert str(x.dtype).rsplit(".", 1)[-1] == "float32"
+        np.testing.assert_array_equal(to_numpy(x), a)
+    with pytest.raises(TypeError, match="must be an array"):
+        from_numpy([1.0], a)
+
+
+def test_misuse_is_reported_clearly() -> None:
+    x = np.ones((2, 3))
+    with pytest.raises(AssertionError, match=r"dtype int64.*floating"):
+        assert_matches_reference(np.ones(2, np.int64), x, x)
+    with pytest.raises(AssertionError, match=r"dtype int64.*floating"):
+        assert_vjp_matches_reference((np.ones((2, 3), np.int64),) * 2, np.ones(2), x, x)
+    with pytest.raises(AssertionError, match="NaN") as exc:
+        assert_matches_reference(np.array(np.nan), np.ones(3), np.ones(3), dim=0)
+    assert "[[]]" not in str(exc.value)
+    assert "nan" in str(exc.value)  # what it got, and the reference's value
+    with pytest.raises(ValueError, match=r"'nonesuch'.*numpy"):
+        assert_backends_agree(x, x, backends=["nonesuch"])
+    with pytest.raises(ValueError, match=r"'nope'.*random"):
+        cosine_inputs(np, kinds=("nope",))
+    with pytest.raises(ValueError, match=r"'int32'.*float32"):
+        cosine_inputs(np, dtypes=("int32",))
+    with pytest.raises(ValueError, match="dtypes"):
+        cosine_inputs(np, dtypes=())

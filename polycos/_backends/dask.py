@@ -202,8 +202,11 @@ class DaskBackend(Backend):
         def block(a: Any, c: Any) -> Any:  # one block of S from one row block of each side
             return numpy.pairwise_forward(a, c, eps)
 
+        # align_arrays=False: _pairwise_blocks aligned the chunks already (D whole, the batch axes
+        # as x1's), so dask's unify_chunks has nothing to do but warn (PerformanceWarning) that S
+        # has more blocks than either input: n x m blocks from n and m, the product's very shape.
         return da.blockwise(block, i_s, r1, i1, r2, i2, dtype=x1.dtype, concatenate=True,
-                            meta=np.empty((0,) * x1.ndim, dtype=x1.dtype))
+                            meta=np.empty((0,) * x1.ndim, dtype=x1.dtype), align_arrays=False)
 
     def pairwise_vjp(
         self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
@@ -233,7 +236,7 @@ class DaskBackend(Backend):
                 return numpy.pairwise_vjp(gb, a, c, eps)[which]
 
             return da.blockwise(block, (i1, i2)[which], gr, i_s, r1, i1, r2, i2, dtype=x1.dtype,
-                                concatenate=True, meta=meta)
+                                concatenate=True, meta=meta, align_arrays=False)  # aligned above
 
         if x2 is None:  # S(x, x): the row side and the column side, both on x
             return side(0) + side(1), None

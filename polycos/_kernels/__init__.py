@@ -246,19 +246,37 @@ def num_threads(n: int | None = None) -> int:
         if n < 1:
             raise ValueError(f"nthreads must be >= 1, got {n}")
         return n
-    env = os.environ.get("POLYCOS_NUM_THREADS", "").strip()
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(f"POLYCOS_NUM_THREADS must be a positive integer, got {env!r}") from None
-        if value < 1:
-            raise ValueError(f"POLYCOS_NUM_THREADS must be a positive integer, got {env!r}")
+    value = _env_threads()
+    if value:
         return value
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+#: ``POLYCOS_NUM_THREADS`` as given -> its value (0: unset); a bad value is never stored.
+_ENV_THREADS: dict[str, int] = {}
+
+
+def _env_threads() -> int:
+    """``POLYCOS_NUM_THREADS`` (0 when unset), checked on every call: a lookup once a value is seen."""
+    raw = os.environ.get("POLYCOS_NUM_THREADS", "")
+    value = _ENV_THREADS.get(raw)
+    if value is not None:
+        return value
+    env = raw.strip()
+    value = 0
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"POLYCOS_NUM_THREADS must be a positive integer, got {env!r}")
+    if len(_ENV_THREADS) < 64:  # a process sets a few values; never grow without bound
+        _ENV_THREADS[raw] = value
+    return value
 
 
 # --------------------------------------------------------------------------- helpers
@@ -661,6 +679,8 @@ _PLAIN: dict[Any, tuple[int, int, Any]] = {_F32: (2, 3, _F64), _F64: (3, 3, _F64
 def _threads_for(work: int, nthreads: int | None, default: int | None = None) -> int:
     """``nthreads`` if given; else one thread for small work, ``default`` (or :func:`num_threads`) above."""
     if nthreads is None and work < _ONE_THREAD_WORK:
+        if default is None:
+            _env_threads()  # a bad POLYCOS_NUM_THREADS fails here as it does for large work
         return 1
     return num_threads(default if nthreads is None else nthreads)
 

@@ -576,8 +576,14 @@ def _generic(
 
     done = materialise or (lambda *outs: outs)
 
+    def own(a: Any) -> Any:
+        try:
+            return backend.from_numpy(a, inp.dtype)
+        except (AttributeError, TypeError) as exc:  # e.g. array_api_strict has no float16
+            raise Unavailable(f"{backend.name} has no {inp.dtype} arrays") from exc
+
     def make() -> Callable[[], Any]:
-        x1, x2, g = inp.arrays(backend.name, convert or (lambda a: backend.from_numpy(a, inp.dtype)))
+        x1, x2, g = inp.arrays(backend.name, convert or own)
         if not op.endswith("backward"):
             return lambda: done(value(x1, x2))
         if backend.autodiff:

@@ -13,6 +13,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,6 +124,8 @@ def _positive(cast: Callable[[str], T]) -> Callable[[str], T]:
             ) from None
         if not value > 0:  # type: ignore[operator]
             raise argparse.ArgumentTypeError(f"invalid value {text!r} (must be > 0)")
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} (must be finite)")
         return value
 
     return parse
@@ -141,6 +144,17 @@ def _output(suffix: str) -> Callable[[str], Path]:
             raise argparse.ArgumentTypeError(
                 f"invalid file name {text!r} (expected a {suffix} file)"
             )
+        # Try it now, not after a run of minutes: open for append (an existing file is left
+        # as it is) and remove what this made. os.access cannot tell (root passes it, and
+        # /proc refuses new files to root too).
+        existed = path.is_symlink() or path.exists()  # a link, even dangling, is the user's: kept
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: {exc.strerror}") from None
+        if not existed:
+            path.unlink(missing_ok=True)
         return path
 
     return parse
@@ -285,12 +299,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0, or 1 when the run at a thread count failed. Bad
-        arguments exit with status 2 through argparse.
+        Exit status: 0; 1 when the run at a thread count failed, no polycos
+        subject was measured, or an output could not be written. Bad
+        arguments (an output path that cannot be written among them) exit
+        with status 2 through argparse.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_sizes(argv))
     return _bench(args, argv)
+
+
+_SIZE_OPTIONS = ("--sizes", "--pairwise-sizes")
+
+
+def _attach_sizes(argv: list[str]) -> list[str]:
+    """``--sizes -5x256`` as ``--sizes=-5x256``: argparse takes a value that starts with ``-``
+    (and is no plain negative number) for an option and says only "expected one argument";
+    attached, the value reaches the size check, which names what is wrong with it."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            out += [arg, *it]
+            break
+        if arg in _SIZE_OPTIONS:
+            value = next(it, None)
+            if value is not None and value[:1] == "-" and value[1:2].isdigit():
+                out.append(f"{arg}={value}")
+                continue
+            out += [arg] if value is None else [arg, value]
+            continue
+        out.append(arg)
+    return out
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str], prog: str = "polycos") -> Any:
@@ -356,13 +396,25 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         console = Console(width=160)
     doc = run_with_progress(config, not args.no_progress)
     print_report(doc, console)
-    if args.json is not None:
-        write_json(doc, args.json)
-        console.print(f"wrote {args.json}", highlight=False)
-    if args.plot is not None:
-        write_plot(doc, args.plot)
-        console.print(f"wrote {args.plot}", highlight=False)
-    return 1 if doc["errors"] else 0
+    failed = bool(doc["errors"])
+    # Each output on its own: one that cannot be written (disk full, removed directory)
+    # is reported in a line, and the other is still written.
+    for option, path, write in (("--json", args.json, write_json), ("--plot", args.plot, write_plot)):
+        if path is None:
+            continue
+        try:
+            write(doc, path)
+        except OSError as exc:
+            print(f"polycos bench: error: {option}: cannot write {path}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            failed = True
+        else:
+            console.print(f"wrote {path}", highlight=False)
+    if not any(r["kind"] == "polycos" for r in doc["results"]):
+        print("polycos bench: error: no polycos subject was measured (see the skipped cases above)",
+              file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
