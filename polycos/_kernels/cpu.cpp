@@ -2319,21 +2319,21 @@ void normalize_vjp_rows(const Call& c, i64 r0, i64 r1) {
             for (int j = 0; k + j < n; ++j) acc[j] += A(h[k + j]) * A(v[k + j]);
             proj = W(((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
         }
-        const A csr = cs[r];
-        const W inv = W(csr == A(0) ? A(0) : A(1) / csr);
+        const A inva = cs[r] == A(0) ? A(0) : A(1) / cs[r];
+        const W inv = W(inva);
         const W wm = W(m);
+        // _core._reciprocal_shift: an unscaled float32 row whose 1 / cs is not a normal W
+        // (norms past 1 / FLT_MIN, or below 1 / FLT_MAX) multiplies by inv 2^64 then 2^-64
+        // (or 2^-64 then 2^64); 0 and NaN take the plain loop (the same bits)
+        const bool low = inva > A(0) && inva < A(std::numeric_limits<W>::min());
+        const bool high = inva > A(std::numeric_limits<W>::max());
         if (ms && ns[r] <= e && eps != A(0)) {  // (not !above: a NaN row stays NaN)
             const W we = W(eps);
             for (i64 k = 0; k < n; ++k) d[k] = v[k] / we;
         } else if (ms && wm != W(1)) {
             for (i64 k = 0; k < n; ++k) d[k] = ((v[k] - proj * h[k]) * inv) / wm;
-        } else if (sizeof(A) > sizeof(W) && !(A(1) / csr >= A(std::numeric_limits<W>::min()) &&
-                                              A(1) / csr <= A(std::numeric_limits<W>::max())) &&
-                   csr != A(0) && !(csr != csr)) {
-            // _core._reciprocal_shift: 1 / cs is not a normal W (float32 norms past
-            // 1 / FLT_MIN, or below 1 / FLT_MAX); (x (inv 2^64)) 2^-64, or 2^-64 and 2^64
-            const bool low = A(1) / csr < A(std::numeric_limits<W>::min());
-            const W shifted = W((A(1) / csr) * (low ? A(0x1p64) : A(0x1p-64)));
+        } else if (sizeof(A) > sizeof(W) && (low || high)) {
+            const W shifted = W(inva * (low ? A(0x1p64) : A(0x1p-64)));
             const W post = low ? W(0x1p-64) : W(0x1p64);
             for (i64 k = 0; k < n; ++k) d[k] = ((v[k] - proj * h[k]) * shifted) * post;
         } else {
