@@ -17,6 +17,7 @@ from __future__ import annotations
 import decimal
 import math
 import numbers
+import operator
 from typing import Any
 
 from polycos import _backends, _outer
@@ -117,15 +118,38 @@ def _is_time(value: Any) -> bool:
     return type(value).__name__ in ("timedelta64", "datetime64") and type(value).__module__ == "numpy"
 
 
+def traced_error(name: str, value: Any) -> TypeError:
+    """The error for ``dim`` or ``eps`` given as a value JAX traces (``jit``, ``vmap``, ``grad``)."""
+    return TypeError(
+        f"{name} must be a concrete number, got a traced value with no number yet ({_short(value)}): "
+        f"the arguments of a function under jax.jit, vmap or grad are traced; pass {name} as a "
+        f"static argument (jax.jit's static_argnames) or close over it"
+    )
+
+
+def _integer_0d(value: Any) -> int | None:
+    """The number of a concrete 0-d integer array (``torch.tensor(1)``, ``np.array(1)``), else ``None``.
+
+    ``F.cosine_similarity`` accepts such a tensor as ``dim``; bool arrays are not integers here.
+    """
+    dtype = str(getattr(value, "dtype", ""))
+    if getattr(value, "shape", None) != () or "int" not in dtype or "bool" in dtype or _traced(value):
+        return None
+    try:
+        return operator.index(value)
+    except Exception:
+        return None
+
+
 def normalize_axis(axis: Any, ndim: int, *, name: str = "dim", shape: tuple = ()) -> int:
     """Resolve a possibly negative axis against ``ndim`` (a 0-d shape counts as 1-d)."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or _is_time(axis):
         if _traced(axis):
-            raise TypeError(
-                f"{name} must be a Python int, got a traced value with no number yet ({_short(axis)}); "
-                f"under a JIT (jax.jit) pass {name} as a static argument (static_argnames) or close over it"
-            )
-        raise TypeError(f"{name} must be an int, got {_short(axis)} of type {type(axis).__name__}")
+            raise traced_error(name, axis)
+        index = None if isinstance(axis, bool) or _is_time(axis) else _integer_0d(axis)
+        if index is None:
+            raise TypeError(f"{name} must be an int, got {_short(axis)} of type {type(axis).__name__}")
+        axis = index
     axis = int(axis)
     n = max(ndim, 1)
     if not -n <= axis < n:
@@ -177,10 +201,7 @@ def check_eps(eps: Any) -> float:
                 f"eps is a tensor on the meta device, which holds no value ({_short(eps)}); pass a Python float"
             )
         if _traced(eps):
-            raise TypeError(
-                f"eps must be a concrete number, got a traced value with no number yet ({_short(eps)}); "
-                "under a JIT (jax.jit) pass eps as a static argument (static_argnames) or close over it"
-            )
+            raise traced_error("eps", eps)
         try:
             eps = float(eps)
         except (TypeError, ValueError):

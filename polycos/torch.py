@@ -102,10 +102,13 @@ class CosineSimilarityFunction(_backend.CosineFunction):
         _check_tensors(x1=x1, x2=x2)
         call = _validate.validate(x1, x2, dim, eps)
         a1, a2, axis = call.x1, call.x2, call.axis
+        # Dynamo graph-breaks on a Function with a custom ``jvp`` and runs this eagerly; where
+        # it traces this method anyway, the twin without ``jvp`` (it cannot trace ``super()`` here).
+        apply = _backend._Cosine.apply if torch.compiler.is_compiling() else super().apply
         if not call.shape:
-            s, res = super().apply(a1.reshape(1), a2.reshape(1), 0, call.eps)
+            s, res = apply(a1.reshape(1), a2.reshape(1), 0, call.eps)
             return s.reshape(()), res
-        return super().apply(a1, a2, axis, call.eps)
+        return apply(a1, a2, axis, call.eps)
 
 
 class CosineSimilarity(nn.Module):

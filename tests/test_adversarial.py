@@ -549,7 +549,9 @@ def _(info: BackendInfo) -> None:
         (1.0, TypeError, r"dim must be an int, got 1.0 of type float"),
         (np.float64(1.0), TypeError, r"dim must be an int, got np.float64\(1.0\)"),
         ("1", TypeError, r"dim must be an int, got '1' of type str"),
-        (np.array(1), TypeError, r"dim must be an int, got array\(1\)"),
+        (np.array(1.0), TypeError, r"dim must be an int, got array\(1\.\)"),
+        (np.array(True), TypeError, r"dim must be an int, got array\(True\)"),
+        (np.array([1]), TypeError, r"dim must be an int, got array\(\[1\]\)"),
         (np.timedelta64(1), TypeError, r"dim must be an int, got np.timedelta64\(1\) of type timedelta64"),
         (np.timedelta64(0, "s"), TypeError, r"dim must be an int, got np.timedelta64\(0,'s'\)"),
         (2, IndexError, r"dim=2 is out of range for inputs broadcast to shape \(2, 3\)"),
@@ -559,6 +561,9 @@ def _(info: BackendInfo) -> None:
         _raises(exc, match, polycos.cosine_similarity, x1, x2, dim)
     s = polycos.cosine_similarity(x1, x2, np.int64(-1))  # NumPy integers are integers
     assert tuple(s.shape) == (2,)
+    # a 0-d integer array of any library is its number, as F.cosine_similarity takes torch.tensor(1)
+    for zero_d in (np.array(-1), polycos.testing.from_numpy(x1, np.array(-1, dtype=np.int32))):
+        assert tuple(polycos.cosine_similarity(x1, x2, zero_d).shape) == (2,)
     _raises(TypeError, r"give dim or axis, not both \(got dim=1, axis=1\)", polycos.cosine_similarity, x1, x2, 1, axis=1)
 
 
@@ -569,7 +574,7 @@ def _(info: BackendInfo) -> None:
     x1, x2 = _two(info)
     with pytest.raises(TypeError, match=r"eps must be a concrete number, got a traced value .*static argument"):
         jax.jit(lambda e: polycos.cosine_similarity(x1, x2, eps=e))(0.5)
-    with pytest.raises(TypeError, match=r"dim must be a Python int, got a traced value .*static argument"):
+    with pytest.raises(TypeError, match=r"dim must be a concrete number, got a traced value .*static argument"):
         jax.jit(lambda d: polycos.cosine_similarity(x1, x2, dim=d))(1)
     # closed over or static: fine
     out = jax.jit(lambda a, b: polycos.cosine_similarity(a, b, dim=0, eps=0.5))(x1, x2)

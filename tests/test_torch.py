@@ -414,6 +414,119 @@ def test_jit_trace_of_the_module_and_script_is_refused() -> None:
         torch.jit.script(CosineSimilarity())
 
 
+def _spellings() -> dict:
+    """Row-wise, pairwise and the outer-product broadcast: (polycos, the same in torch ops)."""
+    return {
+        "rowwise": (lambda a, b: cosine_similarity(a, b), lambda a, b: F.cosine_similarity(a, b)),
+        "pairwise": (lambda a, b: polycos.pairwise_cosine_similarity(a, b),
+                     lambda a, b: F.normalize(a, dim=-1, eps=1e-8) @ F.normalize(b, dim=-1, eps=1e-8).T),
+        "outer": (lambda a, b: cosine_similarity(a[:, None], b[None], dim=-1),
+                  lambda a, b: F.cosine_similarity(a[:, None], b[None], dim=-1)),
+    }
+
+
+@pytest.mark.parametrize("spelling", ["rowwise", "pairwise", "outer"])
+def test_exported_programs_are_differentiable(spelling: str) -> None:
+    """``torch.export`` records the operators, not the Functions: their own autograd formulas
+    make ``ep.module()`` differentiable, with the gradients of the eager call (a Linear layer's too)."""
+    from torch.export import export
+
+    ours, theirs = _spellings()[spelling]
+
+    class Loss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8, dtype=f64)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return ours(self.lin(a), b)
+
+    model = Loss()
+    x, y = torch.randn(4, 8, dtype=f64, generator=_gen(31)), torch.randn(4, 8, dtype=f64, generator=_gen(32))
+    ep = export(model, (x, y))
+    assert any("polycos" in str(n.target) for n in ep.graph.nodes), "the polycos operator is in the graph"
+    exported = ep.module()
+    a = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "autograd kernel was not registered" warning
+        out = exported(a, y)
+    g = torch.randn(out.shape, dtype=f64, generator=_gen(33))
+    got = torch.autograd.grad(out, (a, *exported.parameters()), g)
+    a2 = x.clone().requires_grad_()
+    lin = model.lin
+    want = torch.autograd.grad(theirs(lin(a2), y), (a2, lin.weight, lin.bias), g)
+    for u, v in zip(got, want, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+def test_jit_trace_with_inputs_that_require_grad_is_differentiable() -> None:
+    """The trace records the value operator whether or not its example inputs require grad (its
+    sanity check reruns it without), and the traced module's gradients are F's."""
+    x, y = torch.randn(4, 8, dtype=f64, requires_grad=True), torch.randn(4, 8, dtype=f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit.trace is deprecated upstream
+        with_grad = torch.jit.trace(CosineSimilarity(), (x, y))
+        without = torch.jit.trace(CosineSimilarity(), (x.detach(), y))
+    for traced in (with_grad, without):
+        assert "polycos::cosine_value" in str(traced.graph)
+        a = torch.randn(6, 8, dtype=f64, generator=_gen(34), requires_grad=True)
+        b = torch.randn(6, 8, dtype=f64, generator=_gen(35))
+        (got,) = torch.autograd.grad(traced(a, b).sum(), a)
+        (want,) = torch.autograd.grad(F.cosine_similarity(a, b).sum(), a)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_calls_skip_the_operators_autograd_layer() -> None:
+    """Plain eager calls run the operators below autograd: no node of the operator's own formula
+    (the Function's node, or none, records them)."""
+    x, y = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5)
+    assert type(cosine_similarity(x, y).grad_fn).__name__ == "CosineFunctionBackward"
+    assert cosine_similarity(x.detach(), y).grad_fn is None
+    assert type(polycos.pairwise_cosine_similarity(x, y).grad_fn).__name__ == "PairwiseFunctionBackward"
+    out = torch.ops.polycos.cosine_value(x, y, 1, 1e-8)  # called directly: its own formula
+    assert "polycos_cosine_value" in type(out.grad_fn).__name__
+    (got,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(got, torch.autograd.grad(F.cosine_similarity(x, y).sum(), x)[0])
+
+
+@pytest.mark.parametrize("spelling", ["rowwise", "pairwise", "outer"])
+def test_inference_tensors_beside_trainable_ones(spelling: str) -> None:
+    """Embeddings made under ``torch.inference_mode`` (a frozen encoder) against trainable ones:
+    autograd cannot save inference tensors, so polycos saves a copy; gradients are F's."""
+    ours, theirs = _spellings()[spelling]
+    with torch.inference_mode():
+        frozen = torch.randn(6, 8, dtype=f64, generator=_gen(36))
+    w = torch.randn(6, 8, dtype=f64, generator=_gen(37), requires_grad=True)
+    for args in ((frozen, w), (w, frozen)):
+        (got,) = torch.autograd.grad(ours(*args).sum(), w)
+        (want,) = torch.autograd.grad(theirs(*args).sum(), w)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert frozen.is_inference()
+
+
+def test_function_apply_inside_compile_graph_breaks_and_runs() -> None:
+    """``CosineSimilarityFunction.apply`` inside ``torch.compile``: Dynamo refuses a Function with a
+    custom ``jvp``, so the call graph-breaks (docs/backends/torch.md) and runs eagerly, values and
+    gradients right (it raised an internal Dynamo error before)."""
+    torch._dynamo.reset()
+    x = torch.randn(8, 5, dtype=f64, generator=_gen(38), requires_grad=True)
+    y = torch.randn(8, 5, dtype=f64, generator=_gen(39))
+    fn = torch.compile(lambda a, b: CosineSimilarityFunction.apply(a, b, 1, 1e-8)[0] * 2, backend="aot_eager")
+    out = fn(x, y)
+    torch.testing.assert_close(out, 2 * F.cosine_similarity(x, y))
+    (got,) = torch.autograd.grad(out.sum(), x)
+    (want,) = torch.autograd.grad(2 * F.cosine_similarity(x, y).sum(), x)
+    torch.testing.assert_close(got, want)
+
+
+def test_functionalize() -> None:
+    from torch.func import functionalize
+
+    x, y = torch.randn(4, 5, generator=_gen(40)), torch.randn(4, 5, generator=_gen(41))
+    for spelling, (ours, theirs) in _spellings().items():
+        torch.testing.assert_close(functionalize(ours)(x, y), theirs(x, y), msg=spelling)
+
+
 # --------------------------------------------------------------------------- operators, kernel, hygiene
 
 
@@ -611,6 +724,22 @@ def test_dtype_promotion_like_torch() -> None:
         assert cosine_similarity(x1, x2).dtype == F.cosine_similarity(x1, x2).dtype
     ints = torch.arange(12).reshape(3, 4)  # F.cosine_similarity refuses integers; polycos promotes them
     assert cosine_similarity(ints, ints).dtype == torch.get_default_dtype()
+    for half in (torch.float16, torch.bfloat16):  # an integer or bool beside a float: torch.promote_types
+        for other in (ints, ints.int(), ints > 3):
+            x1 = a32.to(half)
+            for pair in ((x1, other), (other, x1)):
+                assert cosine_similarity(*pair).dtype == F.cosine_similarity(*pair).dtype == half
+                cast = tuple(t.to(half) for t in pair)  # the same values as promoted by hand
+                assert torch.equal(cosine_similarity(*pair), cosine_similarity(*cast))
+
+
+def test_dim_as_a_0d_integer_tensor_like_torch() -> None:
+    x, y = torch.randn(3, 4, generator=_gen(42)), torch.randn(3, 4, generator=_gen(43))
+    for dim in (torch.tensor(0), torch.tensor(-1, dtype=torch.int32)):
+        torch.testing.assert_close(cosine_similarity(x, y, dim), F.cosine_similarity(x, y, dim))
+    for bad in (torch.tensor(1.0), torch.tensor(True), torch.tensor([1])):
+        with pytest.raises(TypeError, match="dim must be an int"):
+            cosine_similarity(x, y, bad)
 
 
 def test_requires_grad_on_one_input_only_and_non_contiguous_inputs() -> None:

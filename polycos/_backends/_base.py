@@ -179,9 +179,16 @@ class Backend:
 
     def promote(self, xp: Any, x1: Any, x2: Any) -> tuple[Any, Any]:
         """Both inputs in their common real floating dtype (spec section 2.1)."""
+        floats = [self.dtype_kind(xp, x.dtype) == "float" for x in (x1, x2)]
+        if floats[0] != floats[1]:
+            # One floating input: the library's own promotion of the pair where it is floating
+            # (torch and JAX: float16 with int64 is float16; NumPy: float64), as its ops promote.
+            dtype = self._mixed_result_type(xp, x1, x2)
+            if dtype is not None:
+                return tuple(x if x.dtype == dtype else xp.astype(x, dtype) for x in (x1, x2))  # type: ignore[return-value]
         xs = []
-        for x in (x1, x2):
-            if self.dtype_kind(xp, x.dtype) == "float":
+        for x, floating in zip((x1, x2), floats, strict=True):
+            if floating:
                 xs.append(x)
             else:  # integer and bool inputs become the library's default float
                 xs.append(xp.astype(x, self.default_float(xp, x)))
@@ -194,6 +201,14 @@ class Backend:
 
     def result_type(self, xp: Any, x1: Any, x2: Any) -> Any:
         return xp.result_type(x1, x2)
+
+    def _mixed_result_type(self, xp: Any, x1: Any, x2: Any) -> Any:
+        """:meth:`result_type` of a floating and an integer or bool input, if the library has one."""
+        try:
+            dtype = self.result_type(xp, x1, x2)
+        except Exception:  # the array API leaves mixed kinds undefined (array-api-strict refuses them)
+            return None
+        return dtype if self.dtype_kind(xp, dtype) == "float" else None
 
     def cast_grad(self, xp: Any, grad: Any, dtype: Any) -> Any:
         """An upstream gradient in the result dtype (real floating, integer or bool only).

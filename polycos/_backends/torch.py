@@ -13,6 +13,9 @@ Two layers, the pattern of PyTorch's custom-operator tutorial:
   (:mod:`polycos.cupy`, zero-copy through DLPack on torch's current stream) on
   CUDA; where a kernel is not available they run the array-API core in torch ops.
   ``res`` is the core's packed residuals (:func:`polycos._core.pack_residuals`).
+  The forward operators have autograd formulas of their own (``register_autograd``),
+  so a graph that holds them (``torch.export``, ``torch.jit.trace``) stays
+  differentiable; eager calls skip that layer (:func:`_below_autograd`).
 * **Autograd** (:class:`CosineFunction`, :class:`PairwiseFunction`): forward
   calls the operator for plain tensors and the core in torch ops for everything
   else (tensor subclasses such as DTensor, :mod:`torch.func`-wrapped tensors,
@@ -568,13 +571,89 @@ def kernel_ok(*ts: torch.Tensor) -> bool:
             or t.device.type not in _KERNEL_DEVICES
             or t.is_conj()
             or t.is_neg()
-            or _wrapped(t)
-        ):
+            or (_wrapped(t) and not torch._C._functorch.is_functionaltensor(t))  # (functionalize: the
+        ):  # operators are functional, and run on the tensors it unwraps)
             return False
     return True
 
 
+# --------------------------------------------------------------------------- operators' autograd
+
+
+def _below_autograd() -> contextlib.AbstractContextManager:
+    """Eager calls of a forward operator skip its Python autograd layer (8-14 us a call).
+
+    They are made where no gradient follows, or inside a Function's ``forward``,
+    whose own node records the call. While Dynamo traces, nothing is skipped:
+    it traces below autograd anyway.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # (a trace's inputs may require grad)
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def _save_forward_inputs(ctx: Any, inputs: tuple, output: Any) -> None:
+    x1, x2, axis, eps = inputs
+    ctx.axis, ctx.eps = axis, eps
+    if isinstance(output, tuple):  # cosine_forward: (s, res)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(_savable(x1), _savable(x2), output[1])
+    else:  # cosine_value: no residuals, the backward recomputes them
+        ctx.save_for_backward(_savable(x1), _savable(x2), None)
+
+
+def _cosine_operator_backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:
+    """The VJP of ``cosine_forward`` and ``cosine_value`` called in a graph (as :class:`_Cosine`'s)."""
+    x1, x2, res = ctx.saved_tensors
+    d1, d2 = _cosine_grads(g, x1, x2, res, ctx.axis, ctx.eps)
+    need1, need2 = ctx.needs_input_grad[:2]
+    return (d1 if need1 else None), (d2 if need2 else None), None, None
+
+
+def _save_pairwise(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x1, x2, eps = inputs
+    _, h1, st1, h2, st2 = output
+    ctx.mark_non_differentiable(h1, st1, h2, st2)
+    ctx.eps = eps
+    ctx.save_for_backward(_savable(x1), _savable(x2), h1, st1, h2, st2)
+
+
+def _pairwise_operator_backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:
+    """The VJP of ``pairwise_forward`` called in a graph (as :class:`_Pairwise`'s)."""
+    x1, x2, h1, st1, h2, st2 = ctx.saved_tensors
+    d1, d2 = _Pairwise._matrix_backward(ctx, g, x1, x2, h1, st1, h2, st2)
+    need1, need2 = ctx.needs_input_grad[:2]
+    return (d1 if need1 else None), (d2 if need2 else None), None
+
+
+def _register_operator_autograd() -> None:
+    """Autograd formulas for the forward operators, where a graph calls them directly.
+
+    ``torch.export`` and ``torch.jit.trace`` record the operators, not the
+    Functions around them: without these, ``ep.module()(x, y).sum().backward()``
+    left every gradient ``None``.
+    """
+    for name in ("cosine_forward", "cosine_value"):
+        torch.library.register_autograd(
+            f"polycos::{name}", _cosine_operator_backward, setup_context=_save_forward_inputs, lib=_LIB
+        )
+    torch.library.register_autograd(
+        "polycos::pairwise_forward", _pairwise_operator_backward, setup_context=_save_pairwise, lib=_LIB
+    )
+
+
 # --------------------------------------------------------------------------- autograd
+
+
+def _savable(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` as autograd may save it: a tensor made under ``torch.inference_mode`` is copied.
+
+    (Autograd refuses to save inference tensors; a frozen encoder's embeddings
+    compared with trainable ones need the frozen side for the other's gradient.)
+    """
+    if x is None or torch.compiler.is_compiling():  # (Dynamo cannot trace is_inference)
+        return x
+    return x.clone() if x.is_inference() else x
 
 
 class _Cosine(torch.autograd.Function):
@@ -585,7 +664,8 @@ class _Cosine(torch.autograd.Function):
     @staticmethod
     def forward(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         if kernel_ok(x1, x2):
-            return torch.ops.polycos.cosine_forward(x1, x2, axis, eps)
+            with _below_autograd():
+                return torch.ops.polycos.cosine_forward(x1, x2, axis, eps)
         return core_forward(x1, x2, axis, eps)
 
     @staticmethod
@@ -594,6 +674,7 @@ class _Cosine(torch.autograd.Function):
         _, res = output
         ctx.mark_non_differentiable(res)
         ctx.axis, ctx.eps = axis, eps
+        x1, x2 = _savable(x1), _savable(x2)
         ctx.save_for_backward(x1, x2, res)
         ctx.save_for_forward(x1, x2, res)
 
@@ -601,15 +682,24 @@ class _Cosine(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor, _: Any) -> tuple:  # type: ignore[override]
         x1, x2, res = ctx.saved_tensors
         need1, need2 = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():
-            # Differentiated itself (create_graph, torch.func): the core in differentiable
-            # ops, the residuals recomputed from x1 and x2 so the second derivative sees them.
-            d1, d2 = core_backward(g, x1, x2, None, ctx.axis, ctx.eps)
-        elif kernel_ok(g, x1, x2, res):
-            d1, d2 = torch.ops.polycos.cosine_backward(g, x1, x2, res, ctx.axis, ctx.eps)
-        else:
-            d1, d2 = core_backward(g, x1, x2, res, ctx.axis, ctx.eps)
+        d1, d2 = _cosine_grads(g, x1, x2, res, ctx.axis, ctx.eps)
         return (d1 if need1 else None), (d2 if need2 else None), None, None
+
+
+def _cosine_grads(
+    g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, res: torch.Tensor | None, axis: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both gradients from the forward's residuals (``None``: recomputed)."""
+    if torch.is_grad_enabled():
+        # Differentiated itself (create_graph, torch.func): the core in differentiable
+        # ops, the residuals recomputed from x1 and x2 so the second derivative sees them.
+        return core_backward(g, x1, x2, None, axis, eps)
+    if kernel_ok(g, x1, x2) and (res is None or kernel_ok(res)):
+        if res is None:
+            with _below_autograd():
+                _, res = torch.ops.polycos.cosine_forward(x1, x2, axis, eps)
+        return torch.ops.polycos.cosine_backward(g, x1, x2, res, axis, eps)
+    return core_backward(g, x1, x2, res, axis, eps)
 
 
 class CosineFunction(_Cosine):
@@ -716,7 +806,8 @@ class _Pairwise(torch.autograd.Function):
         if shapes is not None:  # an outer-product broadcast: the matrices by reshapes no autograd node records
             x1, x2 = x1.reshape(shapes[0]), x2.reshape(shapes[1])  # type: ignore[union-attr]
         if kernel_ok(x1) if x2 is None else kernel_ok(x1, x2):
-            s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, x2, eps)  # self: h2, st2 empty
+            with _below_autograd():
+                s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, x2, eps)  # self: h2, st2 empty
         else:
             with _no_autocast(x1):
                 s, (r1, r2) = _core.pairwise_forward(xp, x1, x2, eps, native_product=_product)
@@ -734,7 +825,7 @@ class _Pairwise(torch.autograd.Function):
         ctx.mark_non_differentiable(h1, st1, h2, st2)
         ctx.eps = eps
         ctx.shapes = rest[0].shapes if rest and rest[0] is not None else None
-        saved = (x1, x2, h1, st1, h2, st2)
+        saved = (_savable(x1), _savable(x2), h1, st1, h2, st2)
         ctx.save_for_backward(*saved)
         # The same tensors for jvp: under vmap each call records the batch dims of its list for
         # both backward and jvp, so two different lists would misalign one of them.
@@ -868,15 +959,23 @@ class PairwiseFunction(_Pairwise):
         return (ds, *(_no_tangent(r, ds) for r in ctx.saved_tensors[2:]))
 
 
+_register_operator_autograd()
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
 def _differentiated(*ts: torch.Tensor) -> bool:
-    """Whether autograd may differentiate through the inputs (reverse mode, or a forward-mode dual level)."""
+    """Whether the Functions must record the call: autograd may differentiate through the inputs
+    (reverse mode, or a forward-mode dual level), and ``torch.jit.trace`` is not recording it.
+
+    (A trace records the operators, which carry their own reverse-mode formulas: the same
+    graph whether the example inputs require grad or not, as its check demands.)
+    """
     if forward_ad._current_level >= 0:
         return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts) and not torch.jit.is_tracing()
 
 
 def apply_cosine(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1019,9 +1118,10 @@ class TorchBackend(Backend):
         x1, x2 = _autocast_inputs(call.x1, call.x2)
         if _compiling() or _differentiated(x1, x2) or not kernel_ok(x1, x2):
             return apply_cosine(x1, x2, call.axis, call.eps)[0]
-        if not call.shape:
-            return torch.ops.polycos.cosine_value(x1.reshape(1), x2.reshape(1), 0, call.eps).reshape(())
-        return torch.ops.polycos.cosine_value(x1, x2, call.axis, call.eps)
+        with _below_autograd():
+            if not call.shape:
+                return torch.ops.polycos.cosine_value(x1.reshape(1), x2.reshape(1), 0, call.eps).reshape(())
+            return torch.ops.polycos.cosine_value(x1, x2, call.axis, call.eps)
 
     def rowwise_vjp(self, g: Any, call: Call, residuals: Any) -> tuple[Any, Any]:
         x1, x2 = call.x1, call.x2
@@ -1030,7 +1130,8 @@ class TorchBackend(Backend):
         res = residuals
         if not torch.is_grad_enabled() and kernel_ok(g, x1, x2) and (res is None or kernel_ok(res)):
             if res is None:
-                _, res = torch.ops.polycos.cosine_forward(x1, x2, call.axis, call.eps)
+                with _below_autograd():
+                    _, res = torch.ops.polycos.cosine_forward(x1, x2, call.axis, call.eps)
             d1, d2 = torch.ops.polycos.cosine_backward(g, x1, x2, res, call.axis, call.eps)
         else:
             d1, d2 = core_backward(g, x1, x2, res, call.axis, call.eps)
@@ -1045,7 +1146,8 @@ class TorchBackend(Backend):
             return apply_pairwise(x1, x2, eps)
         if x2 is not None and not kernel_ok(x2):
             return apply_pairwise(x1, x2, eps)
-        return torch.ops.polycos.pairwise_forward(x1, x2, eps)[0]  # no gradient follows: no autograd node
+        with _below_autograd():  # no gradient follows: no autograd node
+            return torch.ops.polycos.pairwise_forward(x1, x2, eps)[0]
 
     def pairwise_vjp(
         self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
