@@ -56,10 +56,7 @@ def _as_jax(**xs: Any) -> list[Any]:
 
 def _static_eps(eps: Any) -> None:
     if isinstance(eps, jax.core.Tracer):
-        raise TypeError(
-            "eps must be a static Python float, got a traced value; pass it outside "
-            "jax.jit (or mark it static with static_argnums)"
-        )
+        raise _validate.traced_error("eps", eps)
 
 
 def cosine_similarity(

@@ -426,6 +426,69 @@ SHARDING_SCRIPT = textwrap.dedent(
 )
 
 
+SHARD_MAP_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    import polycos.jax as pj
+    assert len(jax.devices()) == 2
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((1, 6)), jnp.float32)
+    cs = lambda a, b: pj.cosine_similarity(a, b, dim=-1)
+    pw = pj.pairwise_cosine_similarity
+    def sm(f, out=P("d")):  # rows of the first input sharded, the second replicated
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("d"), P()), out_specs=out))
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+    # values: a replicated partner broadcast against sharded rows (the rescue's cond saw two types)
+    for b in (q, q[0], y[:4]):
+        close(sm(cs)(x, b), jnp.concatenate([cs(x[:4], b), cs(x[4:], b)]))
+    # gradients of a shard_map with respect to its replicated input: summed over the devices
+    for f, b, unsharded in ((cs, y[:4], lambda a, b: jnp.concatenate([cs(a[:4], b), cs(a[4:], b)])),
+                            (pw, y, pw)):
+        loss = lambda a, b, f=f: sm(f)(a, b).sum()
+        got = jax.jit(jax.grad(loss, (0, 1)))(x, b)
+        want = jax.grad(lambda a, b: unsharded(a, b).sum(), (0, 1))(x, b)
+        for u, v in zip(got, want):
+            close(u, v)
+    # inside: the gradient of a replicated input is already the sum over the devices
+    inner = sm(lambda a, b: jax.grad(lambda u, v: cs(u, v).sum(), 1)(a, b), out=P())(x, y[:4])
+    close(inner, jax.grad(lambda a, b: (cs(a[:4], b) + cs(a[4:], b)).sum(), 1)(x, y[:4]))
+    with jax.enable_x64(True):
+        got = jax.jit(jax.grad(lambda a, b: sm(pw)(a, b).sum(), (0, 1)))(x, y)
+        want = jax.grad(lambda a, b: pw(a, b).sum(), (0, 1))(x, y)
+        for u, v in zip(got, want):
+            close(u, v)
+    print("shard_map ok")
+    """
+)
+
+
+def test_shard_map_with_a_replicated_input() -> None:
+    """``shard_map`` with sharded rows against a replicated partner (a broadcast query, shared
+    prototypes): values, and gradients of the replicated input summed over the devices (G10)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "shard_map ok" in res.stdout
+
+
+def test_pairwise_under_disable_jit() -> None:
+    """Float32 pairwise with x64 off runs its scoped float64 code eagerly (it recursed forever)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5)), jnp.float32)
+    want = pj.pairwise_cosine_similarity(x)
+    with jax.disable_jit():
+        np.testing.assert_array_equal(np.asarray(pj.pairwise_cosine_similarity(x)), np.asarray(want))
+        outer = pj.cosine_similarity(x[:, None], x[None], dim=-1)
+        g = jax.grad(lambda a: pj.pairwise_cosine_similarity(a, x).sum())(x)
+    np.testing.assert_allclose(np.asarray(outer), np.asarray(want), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(lambda a: pj.pairwise_cosine_similarity(a, x).sum())(x)),
+                               rtol=1e-6, atol=1e-7)
+
+
 def test_sharded_rows_over_two_devices() -> None:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
@@ -470,9 +533,12 @@ def test_dtype_follows_jax_promotion() -> None:
     assert pj.cosine_similarity(h, h.astype(jnp.bfloat16)).dtype == jnp.float32
     with jax.enable_x64(True):
         f32 = jnp.asarray([[1.0, 2.0], [3.0, 4.0]], dtype=jnp.float32)
-        assert pj.cosine_similarity(jnp.asarray([[1, 2], [3, 4]]), f32).dtype == jnp.float64
+        # an integer with a float: JAX's own promotion (as jnp arithmetic), not int64 -> float64 first
+        assert pj.cosine_similarity(jnp.asarray([[1, 2], [3, 4]]), f32).dtype == jnp.float32
+        assert pj.cosine_similarity(jnp.asarray([[1, 2], [3, 4]]), jnp.asarray([[1, 2], [3, 4]])).dtype == jnp.float64
         assert pj.cosine_similarity(f32, f32).dtype == jnp.float32
         assert pj.cosine_similarity(f32, f32.astype(jnp.float64)).dtype == jnp.float64
+    assert pj.cosine_similarity(i, h).dtype == jnp.result_type(i, h) == jnp.float16
 
 
 def test_x64_off_and_on_in_subprocesses_agree() -> None:
@@ -502,8 +568,21 @@ def test_x64_off_and_on_in_subprocesses_agree() -> None:
 
 
 def test_traced_eps_is_refused_clearly() -> None:
-    with pytest.raises(TypeError, match="eps must be a static Python float"):
-        jax.jit(lambda a, e: pj.cosine_similarity(a, a, eps=e))(jnp.ones((2, 3)), 0.1)
+    """One message, naming the tracer, under every transform that traces (not only jit)."""
+    a = jnp.ones((2, 3))
+    traced = {
+        "jit": lambda f: jax.jit(f)(0.1),
+        "vmap": lambda f: jax.vmap(f)(jnp.full(2, 0.1)),
+        "grad": lambda f: jax.grad(lambda e: f(e).sum())(0.1),
+    }
+    for name, run in traced.items():
+        for fn in (pj.cosine_similarity, polycos.cosine_similarity):
+            with pytest.raises(TypeError, match=r"eps must be a concrete number, got a traced value .*Tracer.*"
+                                                r"jax.jit, vmap or grad .*static_argnames"):
+                run(lambda e, fn=fn: fn(a, a, eps=e))
+            if name != "grad":  # (under grad alone, e > 0 is a concrete array: no tangent to carry)
+                with pytest.raises(TypeError, match=r"dim must be a concrete number, got a traced value .*Tracer"):
+                    run(lambda e, fn=fn: fn(a, a, dim=(e > 0).astype(jnp.int32)))
 
 
 # --------------------------------------------------------------------------- range on XLA (issue 13)
@@ -741,6 +820,14 @@ def test_export_with_symbolic_rows_runs_the_kernel_and_matches_jit() -> None:
     with jax.enable_x64(True):
         exp = export.export(jax.jit(pairwise), disabled_checks=checks)(rows)
         np.testing.assert_array_equal(np.asarray(exp.call(x)), np.asarray(jax.jit(pairwise)(x)))
+    # a symbolic length too, against a broadcast partner: the XLA sums take one broadcast shape
+    # (the core's pairwise tree loops over the length in Python)
+    n, d = export.symbolic_shape("n, d")
+    both = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    for partner, q in ((jax.ShapeDtypeStruct((1, d), jnp.float32), x[:1]), (jax.ShapeDtypeStruct((d,), jnp.float32), x[0])):
+        for f in (value, grad):
+            exp = export.export(jax.jit(f), disabled_checks=checks)(both, partner)
+            np.testing.assert_array_equal(np.asarray(exp.call(x, q)), np.asarray(jax.jit(f)(x, q)))
 
 
 def test_shard_map_value_gradient_and_tangent_match_unsharded() -> None:

@@ -103,8 +103,11 @@ def _dots(a1: jax.Array, a2: jax.Array, axis: int, compensated: bool) -> tuple[j
     (TwoProduct) and each sum carried as a pair ``hi + lo`` combined by TwoSum,
     in the same pass: as accurate as :func:`polycos._core.accurate_dot`.
     """
-    if a1.shape != a2.shape:  # broadcast: the three sums have different shapes
-        return _core.dots(xp, a1, a2, axis, compensated=compensated)
+    if a1.shape != a2.shape:
+        # One shape for the variadic reduce: XLA fuses the broadcast into it (nothing is
+        # materialised), and the core's pairwise tree, a Python loop over the length,
+        # cannot take a symbolic length (jax.export).
+        a1, a2 = jnp.broadcast_arrays(a1, a2)
     zero = jnp.zeros((), a1.dtype)
     if not compensated:
         sums = lax.reduce((a1 * a2, a1 * a1, a2 * a2), (zero,) * 3, _add3, (axis,))
@@ -154,8 +157,14 @@ def _pow2_scale(eps: float) -> Any:
 
 
 def _branch(pred: jax.Array, then_fn: Any, else_fn: Any) -> Any:
-    """The core's range rescue runs only when a row needs it (compiled, not always taken)."""
-    return lax.cond(pred, then_fn, else_fn)
+    """The core's range rescue runs only when a row needs it (compiled, not always taken).
+
+    Inside ``shard_map`` both branches' results are marked varying along every mesh axis
+    ``pred`` varies along (it reads both inputs): a sum of squares of a replicated input
+    alone is not varying in the plain branch but is in the rescued one, and ``cond``
+    needs equal types.
+    """
+    return lax.cond(pred, lambda: _varying_as(then_fn(), (pred,)), lambda: _varying_as(else_fn(), (pred,)))
 
 
 # --------------------------------------------------------------------------- kernel or core
@@ -199,6 +208,17 @@ def _varying_as(outs: Any, ins: tuple) -> Any:
         return lax.pcast(o, missing, to="varying") if missing else o
 
     return jax.tree.map(mark, outs)
+
+
+def _summed_to(ct: jax.Array, operand: Any) -> jax.Array:
+    """A cotangent with the mesh axes of its ``operand`` (an undefined primal): summed over the others.
+
+    Inside ``shard_map`` a replicated operand meets a varying one in the kernel as if
+    broadcast to every device; the transpose of that broadcast is the sum over the
+    devices (as JAX's own ``pvary`` transposes to ``psum``).
+    """
+    extra = tuple(sorted(_varying(ct) - _varying(operand.aval)))
+    return lax.psum(ct, extra) if extra else ct
 
 
 def _quiet(fn: Callable) -> Callable:
@@ -367,7 +387,7 @@ def _tangent_transpose(ct: Any, *operands: Any, axis: int, eps: float, present: 
         return [None] * len(operands)
     shapes = tuple(_shape(x if t is None else t) for t, x in ((t1, x1), (t2, x2)))
     d = pullback(ct, x1, x2, packed, axis, eps, *shapes)
-    cts = [d[i] if wanted[i] else None for i in range(2) if present[i]]
+    cts = [_summed_to(d[i], (t1, t2)[i]) if wanted[i] else None for i in range(2) if present[i]]
     return [*cts, None, None, None]
 
 
@@ -667,7 +687,7 @@ def _ptangent_transpose(ct: Any, *operands: Any, eps: float, present: tuple, sel
     if type(ct) is ad.Zero or not any(wanted):
         return [None] * len(operands)
     d = pairwise_vjp(ct, x1, x2, eps)
-    cts = [d[i] if wanted[i] else None for i in range(2) if present[i]]
+    cts = [_summed_to(d[i], (t1, t2)[i]) if wanted[i] else None for i in range(2) if present[i]]
     return [*cts, *[None] * (len(operands) - len(cts))]
 
 
@@ -790,6 +810,8 @@ def _in_x64_abstract(*avals: Any, fn: _InX64) -> list:
 
 
 def _in_x64_eager(*operands: jax.Array, fn: _InX64) -> Any:
+    if jax.config.jax_disable_jit:  # (the jitted call would bind the primitive again: no end)
+        return list(fn(*operands))
     return _in_x64_jit(fn)(*operands)
 
 
