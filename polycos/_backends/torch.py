@@ -687,10 +687,15 @@ class _Cosine(torch.autograd.Function):
 
 
 def _cosine_grads(
-    g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, res: torch.Tensor | None, axis: int, eps: float
+    g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, res: torch.Tensor | None, axis: int, eps: float,
+    *, differentiable: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both gradients from the forward's residuals (``None``: recomputed)."""
-    if torch.is_grad_enabled():
+    """Both gradients from the forward's residuals (``None``: recomputed).
+
+    ``differentiable`` (default: grad mode is on, as in a backward with ``create_graph``):
+    the gradients will be differentiated themselves.
+    """
+    if torch.is_grad_enabled() if differentiable is None else differentiable:
         # Differentiated itself (create_graph, torch.func): the core in differentiable
         # ops, the residuals recomputed from x1 and x2 so the second derivative sees them.
         return core_backward(g, x1, x2, None, axis, eps)
@@ -1127,14 +1132,10 @@ class TorchBackend(Backend):
         x1, x2 = call.x1, call.x2
         if not call.shape:
             x1, x2, g = x1.reshape(1), x2.reshape(1), g.reshape(())
-        res = residuals
-        if not torch.is_grad_enabled() and kernel_ok(g, x1, x2) and (res is None or kernel_ok(res)):
-            if res is None:
-                with _below_autograd():
-                    _, res = torch.ops.polycos.cosine_forward(x1, x2, call.axis, call.eps)
-            d1, d2 = torch.ops.polycos.cosine_backward(g, x1, x2, res, call.axis, call.eps)
-        else:
-            d1, d2 = core_backward(g, x1, x2, res, call.axis, call.eps)
+        differentiable = torch.is_grad_enabled() and (
+            g.requires_grad or x1.requires_grad or x2.requires_grad or forward_ad._current_level >= 0
+        )
+        d1, d2 = _cosine_grads(g, x1, x2, residuals, call.axis, call.eps, differentiable=differentiable)
         return d1.reshape(call.x1.shape), d2.reshape(call.x2.shape)
 
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
