@@ -490,6 +490,34 @@ def test_eager_calls_skip_the_operators_autograd_layer() -> None:
 
 
 @pytest.mark.parametrize("spelling", ["rowwise", "pairwise", "outer"])
+def test_backward_makes_no_zero_gradients_for_the_residuals(spelling: str) -> None:
+    """The Functions' residual outputs are non-differentiable and their gradients are not
+    materialised: no zero tensor (``(N, 5)`` float64 row-wise, ``N x D`` float64 blocks pairwise)
+    is made and filled on every backward. Gradients as F's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ours, theirs = _spellings()[spelling]
+    x = torch.randn(6, 8, dtype=f64, generator=_gen(47), requires_grad=True)
+    y = torch.randn(6, 8, dtype=f64, generator=_gen(48))
+    out = ours(x, y)
+    g = torch.randn(out.shape, dtype=f64, generator=_gen(49))
+    with Ops() as ops:
+        out.backward(g)
+    assert not [n for n in ops.names if "zero" in n or "fill" in n], ops.names
+    (want,) = torch.autograd.grad(theirs(x, y), x, g)
+    torch.testing.assert_close(x.grad, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spelling", ["rowwise", "pairwise", "outer"])
 def test_inference_tensors_beside_trainable_ones(spelling: str) -> None:
     """Embeddings made under ``torch.inference_mode`` (a frozen encoder) against trainable ones:
     autograd cannot save inference tensors, so polycos saves a copy; gradients are F's."""

@@ -597,6 +597,7 @@ def _save_forward_inputs(ctx: Any, inputs: tuple, output: Any) -> None:
     ctx.axis, ctx.eps = axis, eps
     if isinstance(output, tuple):  # cosine_forward: (s, res)
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(_savable(x1), _savable(x2), output[1])
     else:  # cosine_value: no residuals, the backward recomputes them
         ctx.save_for_backward(_savable(x1), _savable(x2), None)
@@ -604,6 +605,8 @@ def _save_forward_inputs(ctx: Any, inputs: tuple, output: Any) -> None:
 
 def _cosine_operator_backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:
     """The VJP of ``cosine_forward`` and ``cosine_value`` called in a graph (as :class:`_Cosine`'s)."""
+    if g is None:
+        return None, None, None, None
     x1, x2, res = ctx.saved_tensors
     d1, d2 = _cosine_grads(g, x1, x2, res, ctx.axis, ctx.eps)
     need1, need2 = ctx.needs_input_grad[:2]
@@ -614,12 +617,15 @@ def _save_pairwise(ctx: Any, inputs: tuple, output: tuple) -> None:
     x1, x2, eps = inputs
     _, h1, st1, h2, st2 = output
     ctx.mark_non_differentiable(h1, st1, h2, st2)
+    ctx.set_materialize_grads(False)
     ctx.eps = eps
     ctx.save_for_backward(_savable(x1), _savable(x2), h1, st1, h2, st2)
 
 
 def _pairwise_operator_backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:
     """The VJP of ``pairwise_forward`` called in a graph (as :class:`_Pairwise`'s)."""
+    if g is None:
+        return None, None, None
     x1, x2, h1, st1, h2, st2 = ctx.saved_tensors
     d1, d2 = _Pairwise._matrix_backward(ctx, g, x1, x2, h1, st1, h2, st2)
     need1, need2 = ctx.needs_input_grad[:2]
@@ -673,13 +679,16 @@ class _Cosine(torch.autograd.Function):
         x1, x2, axis, eps = inputs
         _, res = output
         ctx.mark_non_differentiable(res)
+        ctx.set_materialize_grads(False)  # no zeros made for res's gradient, which backward ignores
         ctx.axis, ctx.eps = axis, eps
         x1, x2 = _savable(x1), _savable(x2)
         ctx.save_for_backward(x1, x2, res)
         ctx.save_for_forward(x1, x2, res)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor, _: Any) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, g: torch.Tensor | None, _: Any) -> tuple:  # type: ignore[override]
+        if g is None:  # s has no gradient (grads are not materialised): neither have the inputs
+            return None, None, None, None
         x1, x2, res = ctx.saved_tensors
         need1, need2 = ctx.needs_input_grad[:2]
         d1, d2 = _cosine_grads(g, x1, x2, res, ctx.axis, ctx.eps)
@@ -828,6 +837,7 @@ class _Pairwise(torch.autograd.Function):
         x1, x2, eps, *rest = inputs
         _, h1, st1, h2, st2 = output
         ctx.mark_non_differentiable(h1, st1, h2, st2)
+        ctx.set_materialize_grads(False)  # no zeros made for them (an N x D float64 block each)
         ctx.eps = eps
         ctx.shapes = rest[0].shapes if rest and rest[0] is not None else None
         saved = (_savable(x1), _savable(x2), h1, st1, h2, st2)
@@ -837,7 +847,9 @@ class _Pairwise(torch.autograd.Function):
         ctx.save_for_forward(*saved)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, g: torch.Tensor | None, *_: Any) -> tuple:  # type: ignore[override]
+        if g is None:  # S has no gradient (grads are not materialised): neither have the inputs
+            return None, None, None, None
         x1, x2, h1, st1, h2, st2 = ctx.saved_tensors
         shapes = ctx.shapes
         if shapes is None:
