@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from torch.autograd import gradcheck, gradgradcheck  # noqa: E402
 from torch.func import grad, jacfwd, jacrev, jvp, vmap  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import polycos  # noqa: E402
 from polycos._backends import torch as backend  # noqa: E402
@@ -38,6 +39,18 @@ f64 = torch.float64
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every operator dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------- parity with PyTorch
@@ -494,23 +507,12 @@ def test_backward_makes_no_zero_gradients_for_the_residuals(spelling: str) -> No
     """The Functions' residual outputs are non-differentiable and their gradients are not
     materialised: no zero tensor (``(N, 5)`` float64 row-wise, ``N x D`` float64 blocks pairwise)
     is made and filled on every backward. Gradients as F's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     ours, theirs = _spellings()[spelling]
     x = torch.randn(6, 8, dtype=f64, generator=_gen(47), requires_grad=True)
     y = torch.randn(6, 8, dtype=f64, generator=_gen(48))
     out = ours(x, y)
     g = torch.randn(out.shape, dtype=f64, generator=_gen(49))
-    with Ops() as ops:
+    with _OpNames() as ops:
         out.backward(g)
     assert not [n for n in ops.names if "zero" in n or "fill" in n], ops.names
     (want,) = torch.autograd.grad(theirs(x, y), x, g)
@@ -596,24 +598,13 @@ def test_value_operator_is_the_forward_value_and_is_used_without_grad() -> None:
     y[1, 3] = math.nan
     value = torch.ops.polycos.cosine_value(x, y, 1, 1e-8)
     assert torch.equal(value.nan_to_num(7.0), torch.ops.polycos.cosine_forward(x, y, 1, 1e-8)[0].nan_to_num(7.0))
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as ops:
+    with _OpNames() as ops:
         out = polycos.cosine_similarity(x, y)
     assert "polycos.cosine_value.default" in ops.names
     assert "polycos.cosine_forward.default" not in ops.names
     assert torch.equal(out.nan_to_num(7.0), value.nan_to_num(7.0))
     xr = x.clone().requires_grad_()
-    with Ops() as ops:  # a gradient follows: the autograd path, residuals kept
+    with _OpNames() as ops:  # a gradient follows: the autograd path, residuals kept
         polycos.cosine_similarity(xr, y).sum().backward()
     assert "polycos.cosine_forward.default" in ops.names
     assert "polycos.cosine_value.default" not in ops.names
