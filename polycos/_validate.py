@@ -128,12 +128,12 @@ def traced_error(name: str, value: Any) -> TypeError:
 
 
 def _integer_0d(value: Any) -> int | None:
-    """The number of a concrete 0-d integer array (``torch.tensor(1)``, ``np.array(1)``), else ``None``.
+    """The number of a 0-d integer array (``torch.tensor(1)``, ``np.array(1)``; not traced), else ``None``.
 
     ``F.cosine_similarity`` accepts such a tensor as ``dim``; bool arrays are not integers here.
     """
     dtype = str(getattr(value, "dtype", ""))
-    if getattr(value, "shape", None) != () or "int" not in dtype or "bool" in dtype or _traced(value):
+    if getattr(value, "shape", None) != () or "int" not in dtype or "bool" in dtype:
         return None
     try:
         return operator.index(value)

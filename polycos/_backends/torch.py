@@ -1144,10 +1144,7 @@ class TorchBackend(Backend):
         x1, x2 = call.x1, call.x2
         if not call.shape:
             x1, x2, g = x1.reshape(1), x2.reshape(1), g.reshape(())
-        differentiable = torch.is_grad_enabled() and (
-            g.requires_grad or x1.requires_grad or x2.requires_grad or forward_ad._current_level >= 0
-        )
-        d1, d2 = _cosine_grads(g, x1, x2, residuals, call.axis, call.eps, differentiable=differentiable)
+        d1, d2 = _cosine_grads(g, x1, x2, residuals, call.axis, call.eps, differentiable=_differentiated(g, x1, x2))
         return d1.reshape(call.x1.shape), d2.reshape(call.x2.shape)
 
     def pairwise_forward(self, x1: Any, x2: Any | None, eps: float) -> Any:
