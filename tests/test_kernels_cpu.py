@@ -641,6 +641,68 @@ def test_strided_layout_has_the_row_layouts_bits() -> None:
     assert same_bits(res, res2)
 
 
+def _lanes(dtype: str, acc: str) -> int:
+    """The kernel's lanes per row step (cpu.cpp Cfg::L): 64 bytes of accumulators."""
+    return 64 // np.dtype(acc).itemsize
+
+
+def _operand(a: np.ndarray) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    return a.ctypes.data, a.shape, tuple(s // a.itemsize for s in a.strides)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype_acc=st.sampled_from([("float16", "float32"), ("bfloat16", "float32"), ("float32", "float64"),
+                               ("float32", "float32"), ("float64", "float64")]),
+    steps=st.sampled_from([1, 2, 3, 4]),
+    rows=st.integers(1, 40),
+    eps=st.sampled_from([0.0, 1e-8, 0.5, 3.0]),
+    out_step=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dense_short_rows_have_the_general_loops_bits(dtype_acc, steps, rows, eps, out_step, seed) -> None:
+    """Dense rows of L, 2L, 4L elements take an unrolled loop (forward_dense_rows), and a
+    forward without residuals skips the norms of rows above eps (quotient_above): the
+    same bits as the general loop (a strided view of the same rows) with residuals,
+    for rows of every kind (zero, at eps, rescued, non-finite), any count (partial groups)
+    and a strided result."""
+    dtype, acc = dtype_acc
+    d = steps * _lanes(dtype, acc)
+    rng = np.random.default_rng(seed)
+    scale = np.exp(rng.uniform(-4, 4, (rows, 1)))
+    a = rng.standard_normal((rows, d)) * scale
+    b = rng.standard_normal((rows, d))
+    top = float(np.finfo(np.float64 if dtype == "float64" else np.float32).max)
+    kinds = rng.integers(0, 8, rows)
+    for r, k in enumerate(kinds):
+        if k == 1:
+            a[r] = 0
+        elif k == 2:  # norm exactly eps, and one ulp either side
+            a[r] = 0
+            a[r, 0] = np.nextafter(eps, [0.0, np.inf][r % 2]) if r % 3 else eps
+        elif k == 3 and dtype in ("bfloat16", "float32", "float64"):
+            a[r] = a[r] / np.abs(a[r]).max() * (top / 8)  # sums of squares overflow: rescued
+        elif k == 4:
+            a[r, rng.integers(d)] = [np.nan, np.inf, -np.inf][r % 3]
+    with np.errstate(all="ignore"):
+        x1, x2 = as_dtype(a, dtype), as_dtype(b, dtype)
+    gap1 = np.zeros((rows, 3 * d), x1.dtype)
+    gap1[:, ::3] = x1
+    out_ref = np.zeros(rows, x1.dtype)
+    res = np.zeros((rows, 5), acc)
+    K.forward_ptr(dtype, acc, _operand(gap1[:, ::3]), _operand(x2), 1, eps, _operand(out_ref), res.ctypes.data, 1)
+    for want_res in (False, True):
+        buf = np.full(rows * out_step, 7, x1.dtype)
+        out = buf[::out_step]
+        res2 = np.zeros((rows, 5), acc)
+        K.forward_ptr(dtype, acc, _operand(x1), _operand(x2), 1, eps, _operand(out),
+                      res2.ctypes.data if want_res else 0, 1)
+        assert same_bits(out, out_ref), want_res
+        assert np.all(buf.reshape(rows, out_step)[:, 1:] == 7)  # nothing written between results
+        if want_res:
+            assert same_bits(res2, res)
+
+
 @pytest.mark.skipif(not K.available() or not K.isa_available("avx2"), reason="no AVX2 clone on this CPU")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["row", "column", "strided"])

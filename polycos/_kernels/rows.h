@@ -221,6 +221,16 @@ PC_HD V precise_quotient(V w12, V w11, V w22, V l12, V l11, V l22) {
     return q + (((w12 - qr) - qre) + l12 - q * dr) / r;
 }
 
+// finish's s, before the clamp, for rows whose norms are both above eps (the
+// case of almost every row): the quotient alone, without the norms a forward
+// that keeps no residuals never reads. Callers test the case on the sums
+// (cpu.cpp: root_threshold), so the bits are finish's for those rows.
+template <bool C, typename V>
+PC_HD V quotient_above(V w12, V w11, V w22, V l12, V l11, V l22) {
+    if (C) return precise_quotient(w12, w11, w22, l12, l11, l22);
+    return safe_div(w12, psqrt(w11 * w22));
+}
+
 // _core.finish: from the sums (and, compensated, their remainders) in scaled
 // units with scales m1, m2 to the residuals (s, n1s, n2s, m1, m2).
 template <bool C, typename V>
