@@ -87,6 +87,9 @@ Mirrors (places that restate this module; each is tested against it)
   CUDA). The sums are the same sums evaluated in another order; :func:`finish`
   and :func:`grad_elementwise` are reproduced bit for bit
   (``tests/test_kernels_cpu.py``, ``tests/test_cupy_kernels.py``).
+  ``quotient_above`` restates :func:`finish`'s ``s`` for rows with both norms
+  above eps, for a CPU forward that keeps no residuals (bitwise the full
+  finish: ``test_dense_short_rows_have_the_general_loops_bits``).
 * ``polycos/_kernels/cpu.cpp``, NumPy's lean pairwise path: ``polycos_normalize_pair``
   (:func:`normalize_rows` for two inputs at once, bitwise the kernel's row
   normalisation) and ``polycos_normalize_vjp`` (:func:`row_normalize_vjp`, the
