@@ -1960,7 +1960,7 @@ void forward_dense_rows(const Call& c, i64 r0, i64 r1) {
         const int g = int(std::min<i64>(G, r1 - r));
         const T* p1[G];
         const T* p2[G];
-        for (int j = 0; j < G; ++j) {  // (rows past r1 are never read)
+        for (int j = 0; j < g; ++j) {
             p1[j] = x1 + (r + j) * n;
             p2[j] = x2 + (r + j) * n;
         }
