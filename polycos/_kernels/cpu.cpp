@@ -1888,8 +1888,8 @@ template <typename A> PCI A read_scalar(const void* p, int dtype, i64 off) {
 
 // ------------------------------------------------------------------ forward / backward, row layouts
 
-template <class Cf, bool CONTIG, int S>
-void forward_rows_n(const Call& c, i64 r0, i64 r1) {
+template <class Cf, bool CONTIG>
+void forward_rows_general(const Call& c, i64 r0, i64 r1) {
     typedef typename Cf::T T;
     typedef typename Cf::A A;
     constexpr int W = Lanes<Cf>::W;
@@ -1915,11 +1915,11 @@ void forward_rows_n(const Call& c, i64 r0, i64 r1) {
             o_res[j] = cur.off[kFwdRes];
             cur.next(p);
         }
-        const GroupSums<Cf> ga = group_sums<Cf, CONTIG, S>(p1, p.astride[kFwdX1], p2, p.astride[kFwdX2], p.n,
+        const GroupSums<Cf> ga = group_sums<Cf, CONTIG>(p1, p.astride[kFwdX1], p2, p.astride[kFwdX2], p.n,
                                                         std::min(g, W), A(c.eps), pf);
         GroupSums<Cf> gb = ga;
         if (g > W)
-            gb = group_sums<Cf, CONTIG, S>(p1 + W, p.astride[kFwdX1], p2 + W, p.astride[kFwdX2], p.n, g - W,
+            gb = group_sums<Cf, CONTIG>(p1 + W, p.astride[kFwdX1], p2 + W, p.astride[kFwdX2], p.n, g - W,
                                         A(c.eps), pf);
         if (!c.res) {
             const auto sa = ga.finish_s(A(c.eps), above);
@@ -1937,7 +1937,7 @@ void forward_rows_n(const Call& c, i64 r0, i64 r1) {
     }
 }
 
-// forward_rows_n for dense inputs (dense_rows) of S L elements a row: the same
+// forward_rows_general for dense inputs (dense_rows) of S L elements a row: the same
 // groups and bits, with the loops unrolled for the row length, row pointers by
 // arithmetic, the results of a group narrowed and stored as one vector, and
 // the rows two groups ahead prefetched. Short rows (D = 16) spent most of
@@ -2003,7 +2003,7 @@ void forward_rows(const Call& c, i64 r0, i64 r1) {
             }
         }
     }
-    forward_rows_n<Cf, CONTIG, 0>(c, r0, r1);
+    forward_rows_general<Cf, CONTIG>(c, r0, r1);
 }
 
 // _core.grad_elementwise over a row, L elements at a time.
