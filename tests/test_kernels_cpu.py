@@ -661,11 +661,11 @@ def _operand(a: np.ndarray) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     seed=st.integers(0, 2**32 - 1),
 )
 def test_dense_short_rows_have_the_general_loops_bits(dtype_acc, steps, rows, eps, out_step, seed) -> None:
-    """Dense rows of L, 2L, 4L elements take an unrolled loop (forward_dense_rows), and a
-    forward without residuals skips the norms of rows above eps (quotient_above): the
-    same bits as the general loop (a strided view of the same rows) with residuals,
-    for rows of every kind (zero, at eps, rescued, non-finite), any count (partial groups)
-    and a strided result."""
+    """Dense rows of L, 2L, 4L elements take unrolled loops (forward_dense_rows,
+    backward_dense_rows), and a forward without residuals skips the norms of rows above
+    eps (quotient_above): the same bits as the general loops (a strided view of the same
+    rows) with residuals, for rows of every kind (zero, at eps, rescued, non-finite), any
+    count (partial groups), a strided result and a broadcast upstream gradient."""
     dtype, acc = dtype_acc
     d = steps * _lanes(dtype, acc)
     rng = np.random.default_rng(seed)
@@ -701,6 +701,22 @@ def test_dense_short_rows_have_the_general_loops_bits(dtype_acc, steps, rows, ep
         assert np.all(buf.reshape(rows, out_step)[:, 1:] == 7)  # nothing written between results
         if want_res:
             assert same_bits(res2, res)
+    # The VJP (backward_dense_rows): from the residuals and recomputing them, against the
+    # general loop on the strided view; g with zeros, huge and tiny entries, sometimes broadcast.
+    gw = rng.standard_normal(rows) * np.exp(rng.uniform(-30, 30, rows))
+    gw[rng.integers(0, 8, rows) == 0] = 0
+    with np.errstate(all="ignore"):
+        g = as_dtype(gw, dtype)
+    g = np.broadcast_to(g[:1], g.shape) if out_step == 2 else g
+    for res_ptr in (res.ctypes.data, 0):
+        e1, e2 = np.zeros_like(x1), np.zeros_like(x2)
+        d1, d2 = np.zeros_like(x1), np.zeros_like(x2)
+        K.backward_ptr(dtype, acc, dtype, _operand(g), _operand(gap1[:, ::3]), _operand(x2), 1, eps, res_ptr,
+                       _operand(e1), _operand(e2), 1)
+        K.backward_ptr(dtype, acc, dtype, _operand(g), _operand(x1), _operand(x2), 1, eps, res_ptr,
+                       _operand(d1), _operand(d2), 1)
+        assert same_bits(d1, e1), res_ptr
+        assert same_bits(d2, e2), res_ptr
 
 
 @pytest.mark.skipif(not K.available() or not K.isa_available("avx2"), reason="no AVX2 clone on this CPU")

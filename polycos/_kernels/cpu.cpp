@@ -2066,6 +2066,80 @@ void backward_rows(const Call& c, i64 r0, i64 r1) {
     }
 }
 
+// backward_rows for dense inputs and gradients (dense_rows) of S L elements a
+// row: a group's coefficients computed once as vectors (grad_coefficients on
+// W rows, as the column layout does; per lane the scalar operations, so the
+// same bits), row pointers by arithmetic, the row loop unrolled. At D = 16 the
+// per-row scalar coefficients (two divisions and the residuals' reads a row)
+// were most of the time.
+template <class Cf, typename O, int S>
+void backward_dense_rows(const Call& c, i64 r0, i64 r1) {
+    typedef typename Cf::T T;
+    typedef typename Cf::A A;
+    typedef typename Lanes<Cf>::N N;
+    constexpr int W = Lanes<Cf>::W;
+    constexpr i64 n = i64(S) * Cf::L;
+    const Plan& p = c.plan;
+    const A eps = A(c.eps);
+    const i64 sg = p.bstride[kBwdG][0], sr = p.bstride[kBwdRes][0];
+    const T* const x1 = (const T*)c.x1;
+    const T* const x2 = (const T*)c.x2;
+    O* const d1 = (O*)c.d1;
+    O* const d2 = (O*)c.d2;
+    for (i64 r = r0; r < r1; r += W) {
+        const int g = int(std::min<i64>(W, r1 - r));
+        const T* p1[W];
+        const T* p2[W];
+        for (int j = 0; j < g; ++j) {
+            p1[j] = x1 + (r + j) * n;
+            p2[j] = x2 + (r + j) * n;
+        }
+        Res5<N> st;
+        if (c.res_in) {
+            A rs[5][W];
+            for (int j = 0; j < W; ++j) {
+                const Res5<A> q = j < g ? read_res<Cf>(c.res_in, (r + j) * sr) : Res5<A>{A(0), A(1), A(1), A(1), A(1)};
+                rs[0][j] = q.s; rs[1][j] = q.n1s; rs[2][j] = q.n2s; rs[3][j] = q.m1; rs[4][j] = q.m2;
+            }
+            N* dst[5] = {&st.s, &st.n1s, &st.n2s, &st.m1, &st.m2};
+            for (int i = 0; i < 5; ++i) std::memcpy(dst[i], rs[i], sizeof(N));
+        } else {
+            st = group_sums<Cf, true, S>(p1, 1, p2, 1, n, g, eps).finish(eps);
+        }
+        A gv[W];
+        for (int j = 0; j < W; ++j) gv[j] = j < g ? read_scalar<A>(c.g, c.g_dtype, (r + j) * sg) : A(0);
+        N gn;
+        std::memcpy(&gn, gv, sizeof(N));
+        const GradCoefs<N> kv = polycos_rows::grad_coefficients<Cf::R>(gn, st, splat<N>(eps));
+        for (int j = 0; j < g; ++j) {
+            const GradCoefs<A> k{kv.u1[j], kv.u2[j], kv.r1[j], kv.r2[j], kv.t1[j], kv.t2[j],
+                                 kv.m1[j], kv.m2[j], kv.p1[j], kv.p2[j]};
+            O* q1 = d1 + (r + j) * n;
+            O* q2 = d2 + (r + j) * n;
+            if (Cf::R && (k.m1 != A(1) || k.m2 != A(1)))
+                row_grad<Cf, O, true, true>(p1[j], 1, p2[j], 1, q1, 1, q2, 1, n, k);
+            else
+                row_grad<Cf, O, true, false>(p1[j], 1, p2[j], 1, q1, 1, q2, 1, n, k);
+        }
+    }
+}
+
+template <class Cf, typename O, bool CONTIG>
+void backward_rows_any(const Call& c, i64 r0, i64 r1) {
+    const Plan& p = c.plan;
+    if constexpr (CONTIG) {
+        if (dense_rows(p, kBwdX1) && dense_rows(p, kBwdX2) && dense_rows(p, kBwdD1) && dense_rows(p, kBwdD2)) {
+            switch (p.n == 0 || p.n % Cf::L ? 0 : p.n / Cf::L) {
+                case 1: return backward_dense_rows<Cf, O, 1>(c, r0, r1);
+                case 2: return backward_dense_rows<Cf, O, 2>(c, r0, r1);
+                case 4: return backward_dense_rows<Cf, O, 4>(c, r0, r1);
+                default: break;
+            }
+        }
+    }
+    backward_rows<Cf, O, CONTIG>(c, r0, r1);
+}
+
 // ------------------------------------------------------------------ column layout
 
 // Rows per block of the column layout: 8 KB of each input per element index
@@ -2416,7 +2490,7 @@ template <class Cf> void forward_dispatch(const Call& c, i64 r0, i64 r1) {
 }
 
 template <class Cf, typename O> void backward_dispatch_out(const Call& c, i64 r0, i64 r1) {
-    if (c.layout == kRowContig) return backward_rows<Cf, O, true>(c, r0, r1);
+    if (c.layout == kRowContig) return backward_rows_any<Cf, O, true>(c, r0, r1);
     if (c.layout == kRowStrided) return backward_rows<Cf, O, false>(c, r0, r1);
     if (c.col_inner1 && c.col_inner2) return backward_columns<Cf, O, 1, 1>(c, r0, r1);
     if (c.col_inner1) return backward_columns<Cf, O, 1, 0>(c, r0, r1);
