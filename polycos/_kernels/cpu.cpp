@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <new>
@@ -239,6 +240,24 @@ inline bool dense_rows(const Plan& p, int o) {
 inline void prefetch_ahead(const void* p, i64 nbytes) {
     const char* q = static_cast<const char*>(p) + kPrefetchAhead;
     for (i64 b = 0; b < nbytes; b += 64) __builtin_prefetch(q + b, 0, 3);
+}
+
+// The steps of L elements of a row that the dense loops unroll (1, 2 or 4;
+// 0: the general loop), where every operand in `ops` has dense rows.
+inline int dense_steps(const Plan& p, int lanes, std::initializer_list<int> ops) {
+    for (int o : ops)
+        if (!dense_rows(p, o)) return 0;
+    const i64 s = p.n == 0 || p.n % lanes ? 0 : p.n / lanes;
+    return s == 1 || s == 2 || s == 4 ? int(s) : 0;
+}
+
+// Row pointers of the g dense rows (n elements each) of x1 and x2 from row r.
+template <typename T>
+inline void dense_row_pointers(const T* x1, const T* x2, i64 r, int g, i64 n, const T** p1, const T** p2) {
+    for (int j = 0; j < g; ++j) {
+        p1[j] = x1 + (r + j) * n;
+        p2[j] = x2 + (r + j) * n;
+    }
 }
 
 // Walks rows in C order: the offsets of the first NOPS operands for the
@@ -1960,10 +1979,7 @@ void forward_dense_rows(const Call& c, i64 r0, i64 r1) {
         const int g = int(std::min<i64>(G, r1 - r));
         const T* p1[G];
         const T* p2[G];
-        for (int j = 0; j < g; ++j) {
-            p1[j] = x1 + (r + j) * n;
-            p2[j] = x2 + (r + j) * n;
-        }
+        dense_row_pointers(x1, x2, r, g, n, p1, p2);
         prefetch_ahead(p1[0], G * n * i64(sizeof(T)));
         prefetch_ahead(p2[0], G * n * i64(sizeof(T)));
         const GroupSums<Cf> ga = group_sums<Cf, true, S>(p1, 1, p2, 1, n, std::min(g, W), eps);
@@ -1992,15 +2008,12 @@ void forward_dense_rows(const Call& c, i64 r0, i64 r1) {
 
 template <class Cf, bool CONTIG>
 void forward_rows(const Call& c, i64 r0, i64 r1) {
-    const Plan& p = c.plan;
     if constexpr (CONTIG) {
-        if (dense_rows(p, kFwdX1) && dense_rows(p, kFwdX2)) {
-            switch (p.n == 0 || p.n % Cf::L ? 0 : p.n / Cf::L) {
-                case 1: return forward_dense_rows<Cf, 1>(c, r0, r1);
-                case 2: return forward_dense_rows<Cf, 2>(c, r0, r1);
-                case 4: return forward_dense_rows<Cf, 4>(c, r0, r1);
-                default: break;
-            }
+        switch (dense_steps(c.plan, Cf::L, {kFwdX1, kFwdX2})) {
+            case 1: return forward_dense_rows<Cf, 1>(c, r0, r1);
+            case 2: return forward_dense_rows<Cf, 2>(c, r0, r1);
+            case 4: return forward_dense_rows<Cf, 4>(c, r0, r1);
+            default: break;
         }
     }
     forward_rows_general<Cf, CONTIG>(c, r0, r1);
@@ -2090,10 +2103,7 @@ void backward_dense_rows(const Call& c, i64 r0, i64 r1) {
         const int g = int(std::min<i64>(W, r1 - r));
         const T* p1[W];
         const T* p2[W];
-        for (int j = 0; j < g; ++j) {
-            p1[j] = x1 + (r + j) * n;
-            p2[j] = x2 + (r + j) * n;
-        }
+        dense_row_pointers(x1, x2, r, g, n, p1, p2);
         Res5<N> st;
         if (c.res_in) {
             A rs[5][W];
@@ -2126,15 +2136,12 @@ void backward_dense_rows(const Call& c, i64 r0, i64 r1) {
 
 template <class Cf, typename O, bool CONTIG>
 void backward_rows_any(const Call& c, i64 r0, i64 r1) {
-    const Plan& p = c.plan;
     if constexpr (CONTIG) {
-        if (dense_rows(p, kBwdX1) && dense_rows(p, kBwdX2) && dense_rows(p, kBwdD1) && dense_rows(p, kBwdD2)) {
-            switch (p.n == 0 || p.n % Cf::L ? 0 : p.n / Cf::L) {
-                case 1: return backward_dense_rows<Cf, O, 1>(c, r0, r1);
-                case 2: return backward_dense_rows<Cf, O, 2>(c, r0, r1);
-                case 4: return backward_dense_rows<Cf, O, 4>(c, r0, r1);
-                default: break;
-            }
+        switch (dense_steps(c.plan, Cf::L, {kBwdX1, kBwdX2, kBwdD1, kBwdD2})) {
+            case 1: return backward_dense_rows<Cf, O, 1>(c, r0, r1);
+            case 2: return backward_dense_rows<Cf, O, 2>(c, r0, r1);
+            case 4: return backward_dense_rows<Cf, O, 4>(c, r0, r1);
+            default: break;
         }
     }
     backward_rows<Cf, O, CONTIG>(c, r0, r1);
