@@ -597,7 +597,8 @@ def _run_all(x1: np.ndarray, x2: np.ndarray, dim: int, nthreads: int) -> list[np
     g = np.linspace(-1, 1, out.size).reshape(out.shape).astype(x1.dtype)
     d1, d2 = K.backward(g, x1, x2, dim, 1e-8, res, nthreads=nthreads)
     e1, e2 = K.backward(g, x1, x2, dim, 1e-8, nthreads=nthreads)  # recomputed statistics
-    outs = [out, res, d1, d2, e1, e2]
+    bare = K.forward(x1, x2, dim, 1e-8, want_res=False, nthreads=nthreads)[0]  # the forward without norms
+    outs = [out, res, d1, d2, e1, e2, bare]
     if dim == x1.ndim - 1:
         outs += list(K.normalize_rows(x1, 1e-8, nthreads=nthreads))
     return outs
@@ -614,11 +615,13 @@ def _big_inputs(dtype: str, layout: str) -> tuple[np.ndarray, np.ndarray, int]:
         return np.ascontiguousarray(x1.T), np.ascontiguousarray(x2.T), 0
     if layout == "strided":
         return x1[:, ::-1], x2[::-1], 1
+    if layout == "short":  # dense rows of 16: the dense loops (60000 rows, so that threads split them)
+        return np.tile(x1[:, :16], (10, 1)), np.tile(x2[:, :16], (10, 1)), 1
     return x1, x2, 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["row", "column", "strided"])
+@pytest.mark.parametrize("layout", ["row", "column", "strided", "short"])
 def test_bitwise_across_thread_counts(dtype: str, layout: str) -> None:
     """G8/G13: the same bits for 1, 2, 3 and 7 threads (rows split at different places)."""
     x1, x2, dim = _big_inputs(dtype, layout)
@@ -665,7 +668,8 @@ def test_dense_short_rows_have_the_general_loops_bits(dtype_acc, steps, rows, ep
     backward_dense_rows), and a forward without residuals skips the norms of rows above
     eps (quotient_above): the same bits as the general loops (a strided view of the same
     rows) with residuals, for rows of every kind (zero, at eps, rescued, non-finite), any
-    count (partial groups), a strided result and a broadcast upstream gradient."""
+    count (partial groups), a strided result and a broadcast upstream gradient, in every
+    ISA clone."""
     dtype, acc = dtype_acc
     d = steps * _lanes(dtype, acc)
     rng = np.random.default_rng(seed)
@@ -691,16 +695,6 @@ def test_dense_short_rows_have_the_general_loops_bits(dtype_acc, steps, rows, ep
     out_ref = np.zeros(rows, x1.dtype)
     res = np.zeros((rows, 5), acc)
     K.forward_ptr(dtype, acc, _operand(gap1[:, ::3]), _operand(x2), 1, eps, _operand(out_ref), res.ctypes.data, 1)
-    for want_res in (False, True):
-        buf = np.full(rows * out_step, 7, x1.dtype)
-        out = buf[::out_step]
-        res2 = np.zeros((rows, 5), acc)
-        K.forward_ptr(dtype, acc, _operand(x1), _operand(x2), 1, eps, _operand(out),
-                      res2.ctypes.data if want_res else 0, 1)
-        assert same_bits(out, out_ref), want_res
-        assert np.all(buf.reshape(rows, out_step)[:, 1:] == 7)  # nothing written between results
-        if want_res:
-            assert same_bits(res2, res)
     # The VJP (backward_dense_rows): from the residuals and recomputing them, against the
     # general loop on the strided view; g with zeros, huge and tiny entries, sometimes broadcast.
     gw = rng.standard_normal(rows) * np.exp(rng.uniform(-30, 30, rows))
@@ -708,20 +702,41 @@ def test_dense_short_rows_have_the_general_loops_bits(dtype_acc, steps, rows, ep
     with np.errstate(all="ignore"):
         g = as_dtype(gw, dtype)
     g = np.broadcast_to(g[:1], g.shape) if out_step == 2 else g
+    grads_ref = {}
     for res_ptr in (res.ctypes.data, 0):
         e1, e2 = np.zeros_like(x1), np.zeros_like(x2)
-        d1, d2 = np.zeros_like(x1), np.zeros_like(x2)
         K.backward_ptr(dtype, acc, dtype, _operand(g), _operand(gap1[:, ::3]), _operand(x2), 1, eps, res_ptr,
                        _operand(e1), _operand(e2), 1)
-        K.backward_ptr(dtype, acc, dtype, _operand(g), _operand(x1), _operand(x2), 1, eps, res_ptr,
-                       _operand(d1), _operand(d2), 1)
-        assert same_bits(d1, e1), res_ptr
-        assert same_bits(d2, e2), res_ptr
+        grads_ref[res_ptr] = (e1, e2)
+    # The dense loops in every ISA clone this CPU runs (the general loop's bits are the same in
+    # each: test_bitwise_across_isa_clones).
+    prev = K.isa()
+    try:
+        for isa in [name for name in ("baseline", "avx2") if K.isa_available(name)]:
+            K.set_isa(isa)
+            for want_res in (False, True):
+                buf = np.full(rows * out_step, 7, x1.dtype)
+                out = buf[::out_step]
+                res2 = np.zeros((rows, 5), acc)
+                K.forward_ptr(dtype, acc, _operand(x1), _operand(x2), 1, eps, _operand(out),
+                              res2.ctypes.data if want_res else 0, 1)
+                assert same_bits(out, out_ref), (isa, want_res)
+                assert np.all(buf.reshape(rows, out_step)[:, 1:] == 7)  # nothing written between results
+                if want_res:
+                    assert same_bits(res2, res), isa
+            for res_ptr, (e1, e2) in grads_ref.items():
+                d1, d2 = np.zeros_like(x1), np.zeros_like(x2)
+                K.backward_ptr(dtype, acc, dtype, _operand(g), _operand(x1), _operand(x2), 1, eps, res_ptr,
+                               _operand(d1), _operand(d2), 1)
+                assert same_bits(d1, e1), (isa, res_ptr)
+                assert same_bits(d2, e2), (isa, res_ptr)
+    finally:
+        K.set_isa(prev)
 
 
 @pytest.mark.skipif(not K.available() or not K.isa_available("avx2"), reason="no AVX2 clone on this CPU")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["row", "column", "strided"])
+@pytest.mark.parametrize("layout", ["row", "column", "strided", "short"])
 def test_bitwise_across_isa_clones(dtype: str, layout: str) -> None:
     """The baseline x86-64 and the AVX2+FMA clones compute the same bits (set_isa = POLYCOS_CPU_ISA)."""
     x1, x2, dim = _big_inputs(dtype, layout)
