@@ -15,7 +15,9 @@ Two layers, the pattern of PyTorch's custom-operator tutorial:
   ``res`` is the core's packed residuals (:func:`polycos._core.pack_residuals`).
   The forward operators have autograd formulas of their own (``register_autograd``),
   so a graph that holds them (``torch.export``, ``torch.jit.trace``) stays
-  differentiable; eager calls skip that layer (:func:`_below_autograd`).
+  differentiable; eager calls skip that layer (:func:`_below_autograd`), and those
+  on plain CPU tensors that no mode, profiler or tracer observes skip the
+  dispatcher too (:func:`_run`).
 * **Autograd** (:class:`CosineFunction`, :class:`PairwiseFunction`): forward
   calls the operator for plain tensors and the core in torch ops for everything
   else (tensor subclasses such as DTensor, :mod:`torch.func`-wrapped tensors,
@@ -112,7 +114,11 @@ def _no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _out_shape(x1: torch.Tensor, x2: torch.Tensor, axis: int) -> tuple:
-    shape = torch.broadcast_shapes(x1.shape, x2.shape)
+    s1, s2 = x1.shape, x2.shape
+    # Equal integer shapes skip torch.broadcast_shapes (12 us an eager call); symbolic
+    # sizes go to it unread, so no guard is added here
+    same = all(type(d) is int for d in s1) and s1 == s2
+    shape = s1 if same else torch.broadcast_shapes(s1, s2)
     return (*shape[:axis], *shape[axis + 1 :])
 
 
@@ -282,6 +288,10 @@ def _native(device: torch.device) -> Any:
 _LIB = torch.library.Library("polycos", "DEF")
 
 
+#: Each operator's implementation and its ``torch.ops`` handle, by name (:func:`_run`).
+_IMPLS: dict[str, tuple[Any, Any]] = {}
+
+
 def _operator(schema: str, fake: Any) -> Any:
     """Define ``polycos::<schema>``, implemented by the decorated function on every device; ``fake`` for tracing."""
 
@@ -290,9 +300,61 @@ def _operator(schema: str, fake: Any) -> Any:
         _LIB.define(schema)
         _LIB.impl(name, impl, "CompositeExplicitAutograd")
         torch.library.register_fake(f"polycos::{name}", fake, lib=_LIB)
+        _IMPLS[name] = (impl, getattr(torch.ops.polycos, name))
         return impl
 
     return register
+
+
+def _run(name: str, *args: Any) -> Any:
+    """``torch.ops.polycos.<name>(*args)`` below autograd, or the same implementation called directly.
+
+    The dispatcher's call of a Python kernel (boxing the arguments, then the
+    Python call) costs about 15 us, as much as the whole kernel on a 32 x 128
+    input. An eager call on plain CPU tensors that nothing observes -- no
+    dispatch or function mode (FakeTensor, ``make_fx``, ``FlopCounterMode``,
+    ``torch.device``), no profiler, no Dynamo or JIT trace -- reaches exactly that
+    implementation below autograd, so it is called without the dispatcher.
+    Everything else goes through the operator, where modes and tracers see it.
+    """
+    impl, op = _IMPLS[name]
+    if _unobserved(args):
+        return impl(*args)
+    with _below_autograd():
+        return op(*args)
+
+
+def _unobserved(args: tuple) -> bool:
+    """No mode, profiler or tracer is active, and every tensor in ``args`` is a plain CPU tensor."""
+    if (
+        torch.compiler.is_compiling()  # (first: Dynamo traces this function, and reads no further)
+        or torch.jit.is_tracing()
+        or torch._C._len_torch_dispatch_stack()  # (FakeTensorMode and make_fx's modes included)
+        or torch._C._is_torch_function_mode_enabled()
+        or torch.autograd._profiler_enabled()
+    ):
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _EAGER_TYPES:
+                return False
+            keys = torch._C._dispatch_keys(a)  # a CPU tensor and nothing else: not batched (legacy
+            if keys != _CPU_KEYS[0] and keys != _CPU_KEYS[1]:  # vmap's either), wrapped, conjugate...
+                return False
+    return True
+
+
+_EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _cpu_keys() -> tuple[Any, Any]:
+    with torch.inference_mode():
+        inference = torch.empty(0)
+    return torch._C._dispatch_keys(torch.empty(0)), torch._C._dispatch_keys(inference)
+
+
+#: The dispatch keys of a plain CPU tensor, and of one made under ``torch.inference_mode``.
+_CPU_KEYS = _cpu_keys()
 
 
 def _cosine_forward_fake(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -670,8 +732,7 @@ class _Cosine(torch.autograd.Function):
     @staticmethod
     def forward(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         if kernel_ok(x1, x2):
-            with _below_autograd():
-                return torch.ops.polycos.cosine_forward(x1, x2, axis, eps)
+            return _run("cosine_forward", x1, x2, axis, eps)
         return core_forward(x1, x2, axis, eps)
 
     @staticmethod
@@ -710,9 +771,8 @@ def _cosine_grads(
         return core_backward(g, x1, x2, None, axis, eps)
     if kernel_ok(g, x1, x2) and (res is None or kernel_ok(res)):
         if res is None:
-            with _below_autograd():
-                _, res = torch.ops.polycos.cosine_forward(x1, x2, axis, eps)
-        return torch.ops.polycos.cosine_backward(g, x1, x2, res, axis, eps)
+            _, res = _run("cosine_forward", x1, x2, axis, eps)
+        return _run("cosine_backward", g, x1, x2, res, axis, eps)
     return core_backward(g, x1, x2, res, axis, eps)
 
 
@@ -778,7 +838,7 @@ def _outer_levels() -> contextlib.AbstractContextManager:
 
 def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(xhat, stats)`` by the ``normalize_rows`` operator, ``stats`` as ``(3, ..., N, 1)``."""
-    xhat, stats = torch.ops.polycos.normalize_rows(x, eps)
+    xhat, stats = _run("normalize_rows", x, eps)
     return xhat, stats.movedim(-1, 0).unsqueeze(-1)
 
 
@@ -820,8 +880,7 @@ class _Pairwise(torch.autograd.Function):
         if shapes is not None:  # an outer-product broadcast: the matrices by reshapes no autograd node records
             x1, x2 = x1.reshape(shapes[0]), x2.reshape(shapes[1])  # type: ignore[union-attr]
         if kernel_ok(x1) if x2 is None else kernel_ok(x1, x2):
-            with _below_autograd():
-                s, h1, st1, h2, st2 = torch.ops.polycos.pairwise_forward(x1, x2, eps)  # self: h2, st2 empty
+            s, h1, st1, h2, st2 = _run("pairwise_forward", x1, x2, eps)  # self: h2, st2 empty
         else:
             with _no_autocast(x1):
                 s, (r1, r2) = _core.pairwise_forward(xp, x1, x2, eps, native_product=_product)
@@ -872,8 +931,8 @@ class _Pairwise(torch.autograd.Function):
             with _no_autocast(x1):
                 d1, d2 = _core.pairwise_vjp(xp, g, x1, x2, ctx.eps)
         elif _plain_matrices(g, x1, x2) and g.dtype == x1.dtype:
-            d1, d2 = torch.ops.polycos.pairwise_backward(
-                g, h1, st1, None if x2 is None else h2, None if x2 is None else st2, ctx.eps)
+            d1, d2 = _run("pairwise_backward", g, h1, st1, None if x2 is None else h2, None if x2 is None else st2,
+                          ctx.eps)
             d2 = None if x2 is None else d2
         else:
             r1 = _row_norms(x1, h1, st1)
@@ -1135,10 +1194,9 @@ class TorchBackend(Backend):
         x1, x2 = _autocast_inputs(call.x1, call.x2)
         if _compiling() or _differentiated(x1, x2) or not kernel_ok(x1, x2):
             return apply_cosine(x1, x2, call.axis, call.eps)[0]
-        with _below_autograd():
-            if not call.shape:
-                return torch.ops.polycos.cosine_value(x1.reshape(1), x2.reshape(1), 0, call.eps).reshape(())
-            return torch.ops.polycos.cosine_value(x1, x2, call.axis, call.eps)
+        if not call.shape:
+            return _run("cosine_value", x1.reshape(1), x2.reshape(1), 0, call.eps).reshape(())
+        return _run("cosine_value", x1, x2, call.axis, call.eps)
 
     def rowwise_vjp(self, g: Any, call: Call, residuals: Any) -> tuple[Any, Any]:
         x1, x2 = call.x1, call.x2
@@ -1156,8 +1214,7 @@ class TorchBackend(Backend):
             return apply_pairwise(x1, x2, eps)
         if x2 is not None and not kernel_ok(x2):
             return apply_pairwise(x1, x2, eps)
-        with _below_autograd():  # no gradient follows: no autograd node
-            return torch.ops.polycos.pairwise_forward(x1, x2, eps)[0]
+        return _run("pairwise_forward", x1, x2, eps)[0]  # no gradient follows: no autograd node
 
     def pairwise_vjp(
         self, g: Any, x1: Any, x2: Any | None, eps: float, residuals: Any = None
@@ -1165,7 +1222,7 @@ class TorchBackend(Backend):
         if not torch.is_grad_enabled() and _plain_matrices(g, x1, x2) and g.dtype == x1.dtype:
             h1, st1 = _normalized(x1, eps)
             h2, st2 = (None, None) if x2 is None else _normalized(x2, eps)
-            d1, d2 = torch.ops.polycos.pairwise_backward(g, h1, st1, h2, st2, eps)
+            d1, d2 = _run("pairwise_backward", g, h1, st1, h2, st2, eps)
             return d1, None if x2 is None else d2
         with _no_autocast(x1):
             return _core.pairwise_vjp(xp, g, x1, x2, eps, native_normalize=_pairwise_normalize)
