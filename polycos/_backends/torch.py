@@ -117,7 +117,7 @@ def _out_shape(x1: torch.Tensor, x2: torch.Tensor, axis: int) -> tuple:
     s1, s2 = x1.shape, x2.shape
     # Equal integer shapes skip torch.broadcast_shapes (12 us an eager call); symbolic
     # sizes go to it unread, so no guard is added here
-    same = all(type(d) is int for d in s1) and s1 == s2
+    same = all(type(d) is int for d in (*s1, *s2)) and s1 == s2
     shape = s1 if same else torch.broadcast_shapes(s1, s2)
     return (*shape[:axis], *shape[axis + 1 :])
 
