@@ -274,6 +274,41 @@ def test_half_precision_extremes(info: BackendInfo) -> None:
     np.testing.assert_array_equal(to_numpy(polycos.cosine_similarity(x, y)).astype(np.float64), [1.0, 0.0])
 
 
+_HUGE_EPS = 1e39  # beyond float32's range: the accumulation dtype of bfloat16 inputs holds float32's max
+
+
+def _bf16_rows(info: BackendInfo, rows: list) -> tuple:
+    x = np.array(rows, dtype=np.float64)
+    return info.array(x[0:1], "bfloat16"), info.array(x[1:2], "bfloat16")
+
+
+@backends
+def test_eps_beyond_the_accumulation_range_rows_far_below_it(info: BackendInfo) -> None:
+    """``eps`` above float32's max with bfloat16 rows far below it: the exact value underflows to 0,
+    and so does polycos's (docs/semantics.md, "Known limit"; rows of norm 1e20 already get a wrong
+    value: 5.2e-37 where the exact value is 6.0e-38)."""
+    if "bfloat16" not in info.dtypes:
+        pytest.skip(f"no bfloat16 on {info.name}")
+    x1, x2 = _bf16_rows(info, [[3e10, 1e10], [1e10, 3e10]])
+    s = to_numpy(polycos.cosine_similarity(x1, x2, eps=_HUGE_EPS)).astype(np.float64)
+    np.testing.assert_array_equal(s, [0.0])  # exact: 6e20 / 1e78
+
+
+@backends
+@pytest.mark.xfail(strict=True, reason="known limit (docs/semantics.md): eps beyond float32's range is taken "
+                   "as float32's max in a float32 accumulation; rows near the top get a wrong value")
+def test_eps_beyond_the_accumulation_range_rows_near_the_top(info: BackendInfo) -> None:
+    """bfloat16 rows whose norms are near float32's max against ``eps = 1e39``: the exact value is
+    ``<x1, x2> / eps**2 = 0.0599``; polycos gives 0.516 on every backend (strict: fixing it fails here)."""
+    if "bfloat16" not in info.dtypes:
+        pytest.skip(f"no bfloat16 on {info.name}")
+    x1, x2 = _bf16_rows(info, [[3e38, 1e38], [1e38, 3e38]])
+    a, b = to_numpy(x1).astype(np.float64)[0], to_numpy(x2).astype(np.float64)[0]  # the bfloat16 values
+    exact = float(a @ b) / _HUGE_EPS**2
+    s = float(to_numpy(polycos.cosine_similarity(x1, x2, eps=_HUGE_EPS)).astype(np.float64)[0])
+    assert abs(s - exact) <= 2.0**-8 * abs(exact), (s, exact)  # one bfloat16 ulp
+
+
 # --------------------------------------------------------------------------- G4, G6
 
 
