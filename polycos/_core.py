@@ -238,8 +238,12 @@ def _eps_for(xp: Any, acc: Any, eps: float) -> float:
 
     ``eps = 1e300`` is valid; in a float32 accumulation it would be ``inf``, and
     making it a constant would overflow (an error on torch, a warning on JAX).
-    At most ``finfo.max`` it stays finite, with the same results. The kernels
-    clamp the same way (``eps_for`` in ``cpu.cpp``).
+    At most ``finfo.max`` it stays finite. The results are the same where no
+    norm comes near ``finfo.max`` (float16 in float32, float32 in float64);
+    bfloat16 inputs with such an ``eps`` are computed in float64 where it
+    exists (:func:`polycos._validate._widen`), and without float64 the
+    difference is a documented limit (docs/semantics.md). The kernels clamp
+    the same way (``eps_for`` in ``cpu.cpp``).
     """
     top = float(xp.finfo(acc).max)
     return eps if eps < top else top

@@ -20,7 +20,8 @@ import numbers
 import operator
 from typing import Any
 
-from polycos import _backends, _outer
+from polycos import _backends, _core, _outer
+from polycos._backends._base import Widened
 from polycos._call import Call, PairwiseCall
 
 __all__ = [
@@ -249,6 +250,7 @@ def validate(x1: Any, x2: Any, dim: Any, eps: Any, *, axis: Any = None) -> Call:
     ax = normalize_axis(dim, len(shape), name="dim", shape=shape)
     eps = check_eps(eps)
     p1, p2 = backend.promote(xp, x1, x2)
+    backend, p1, p2 = _widen(backend, xp, p1, p2, eps)
     outer = _outer.plan(shape, ax, tuple(p1.shape), tuple(p2.shape))
     if p1 is given1 and p2 is given2 and type(dim) is int and _plain_entry(p1, p2) is not None:
         if len(_ROWWISE_PLANS) >= _ROWWISE_PLANS_MAX:
@@ -385,8 +387,28 @@ def validate_pairwise(x1: Any, x2: Any | None, eps: Any) -> PairwiseCall:
         )
     eps = check_eps(eps)
     p1, p2 = backend.promote(xp, x1, other)
+    backend, p1, p2 = _widen(backend, xp, p1, p2, eps)
     shape = (*batch, x1.shape[-2], other.shape[-2])
     return PairwiseCall(backend, xp, p1, None if x2 is None else p2, eps, shape)
+
+
+#: float32's largest finite value: a larger ``eps`` is beyond a float32 accumulation.
+_F32_MAX = 3.4028234663852886e38
+
+
+def _widen(backend: Any, xp: Any, x1: Any, x2: Any, eps: float) -> tuple[Any, Any, Any]:
+    """``(backend, x1, x2)``, widened to float64 (:class:`~polycos._backends._base.Widened`) where
+    ``eps`` is beyond float32's range, the inputs' sums would run in float32 with rescaled rows
+    (bfloat16), and float64 exists; unchanged otherwise (docs/semantics.md, ``eps`` beyond the
+    accumulation dtype)."""
+    if not eps > _F32_MAX:
+        return backend, x1, x2
+    dtype = x1.dtype
+    acc = _core.accumulation_dtype(xp, dtype, like=x1)
+    if _core._dtype_name(acc) != "float32" or not _core.is_rescaled(dtype, acc) or not _core._has_float64(xp, x1):
+        return backend, x1, x2
+    wide = (xp.astype(x, xp.float64) for x in (x1, x2))
+    return Widened(backend, dtype), *wide
 
 
 def check_grad(grad: Any, call: Call | PairwiseCall, shape: tuple) -> Any:

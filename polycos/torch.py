@@ -36,6 +36,7 @@ from torch import nn
 
 from polycos import _validate
 from polycos._backends import torch as _backend
+from polycos._backends._base import Widened
 
 __all__ = ["CosineSimilarity", "CosineSimilarityFunction", "cosine_similarity"]
 
@@ -107,8 +108,12 @@ class CosineSimilarityFunction(_backend.CosineFunction):
         apply = _backend._Cosine.apply if torch.compiler.is_compiling() else super().apply
         if not call.shape:
             s, res = apply(a1.reshape(1), a2.reshape(1), 0, call.eps)
-            return s.reshape(()), res
-        return apply(a1, a2, axis, call.eps)
+            s = s.reshape(())
+        else:
+            s, res = apply(a1, a2, axis, call.eps)
+        if isinstance(call.backend, Widened):  # (an eps beyond float32's range: computed in float64)
+            s = s.to(call.backend._dtype)
+        return s, res
 
 
 class CosineSimilarity(nn.Module):

@@ -611,6 +611,24 @@ def test_value_operator_is_the_forward_value_and_is_used_without_grad() -> None:
     assert xr.grad is not None
 
 
+def test_eps_beyond_float32_range_with_bfloat16_through_autograd() -> None:
+    """bfloat16 inputs with ``eps = 1e39`` (beyond their float32 accumulation) are computed in float64:
+    the value, its autograd gradient and ``CosineSimilarityFunction.apply`` agree with the float64 call
+    rounded once to bfloat16."""
+    x = torch.tensor([[3e38, 1e38], [2.0, 5.0]], dtype=torch.bfloat16)
+    y = torch.tensor([[1e38, 3e38], [1e38, -3e38]], dtype=torch.bfloat16)
+    xr = x.clone().requires_grad_()
+    s = polycos.cosine_similarity(xr, y, eps=1e39)
+    (d,) = torch.autograd.grad(s, xr, torch.ones_like(s))
+    x64, y64 = x.double().requires_grad_(), y.double()
+    s64 = polycos.cosine_similarity(x64, y64, eps=1e39)
+    (d64,) = torch.autograd.grad(s64, x64, torch.ones_like(s64))
+    assert s.dtype == d.dtype == torch.bfloat16
+    assert torch.equal(s, s64.to(torch.bfloat16))
+    assert torch.equal(d, d64.to(torch.bfloat16))
+    assert torch.equal(CosineSimilarityFunction.apply(x, y, 1, 1e39)[0], s.detach())
+
+
 def _every_operator_call(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """Values and gradients of calls that reach each of the six operators (eager, plain tensors)."""
     xr, z = x.clone().requires_grad_(), y[: len(y) // 2]

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from polycos._backends import Entry
     from polycos._call import Call, PairwiseCall
 
-__all__ = ["Backend", "OuterResiduals", "dtype_name"]
+__all__ = ["Backend", "OuterResiduals", "Widened", "dtype_name"]
 
 Array = Any
 
@@ -370,3 +370,48 @@ def _vectors(call: Call) -> tuple[Array, Array]:
         return call.x1, call.x2
     xp = call.xp
     return xp.reshape(call.x1, (1,)), xp.reshape(call.x2, (1,))
+
+
+class Widened:
+    """A backend's route run in float64 on inputs widened to it, results rounded once to ``dtype``.
+
+    For an ``eps`` beyond float32's range on inputs whose sums run in float32
+    (bfloat16): there ``eps`` would be held as float32's largest value
+    (:func:`polycos._core._eps_for`), and every row whose exact value does not
+    underflow would get the value for that ``eps`` instead. Widening is exact;
+    each result is the float64 path's, rounded once. :func:`polycos._validate.validate`
+    puts it in a call's ``backend`` where float64 exists; every other attribute is
+    the backend's own.
+    """
+
+    def __init__(self, backend: Backend, dtype: Any) -> None:
+        self._backend, self._dtype = backend, dtype
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def _narrow(self, xp: Any, a: Array | None) -> Array | None:
+        # (the backend's quiet cast to a narrower dtype: rounding to bfloat16 may underflow by design)
+        return None if a is None else self._backend.cast_grad(xp, a, self._dtype)
+
+    def forward(self, call: Call) -> Array:
+        return self._narrow(call.xp, self._backend.forward(call))
+
+    def forward_with_residuals(self, call: Call) -> tuple[Array, Any]:
+        s, residuals = self._backend.forward_with_residuals(call)
+        return self._narrow(call.xp, s), residuals
+
+    def vjp(self, grad: Array, call: Call, residuals: Any = None) -> tuple[Array, Array]:
+        d1, d2 = self._backend.vjp(grad, call, residuals)
+        return self._narrow(call.xp, d1), self._narrow(call.xp, d2)
+
+    def pairwise(self, call: PairwiseCall) -> Array:
+        return self._narrow(call.xp, self._backend.pairwise(call))
+
+    def pairwise_with_residuals(self, call: PairwiseCall) -> tuple[Array, Any]:
+        s, residuals = self._backend.pairwise_with_residuals(call)
+        return self._narrow(call.xp, s), residuals
+
+    def pairwise_call_vjp(self, grad: Array, call: PairwiseCall, residuals: Any = None) -> tuple[Array, Array | None]:
+        d1, d2 = self._backend.pairwise_call_vjp(grad, call, residuals)
+        return self._narrow(call.xp, d1), self._narrow(call.xp, d2)
