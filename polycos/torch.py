@@ -112,7 +112,7 @@ class CosineSimilarityFunction(_backend.CosineFunction):
         else:
             s, res = apply(a1, a2, axis, call.eps)
         if isinstance(call.backend, Widened):  # (an eps beyond float32's range: computed in float64)
-            s = s.to(call.backend._dtype)
+            s = s.to(call.backend.out_dtype)
         return s, res
 
 

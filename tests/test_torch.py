@@ -627,6 +627,9 @@ def test_eps_beyond_float32_range_with_bfloat16_through_autograd() -> None:
     assert torch.equal(s, s64.to(torch.bfloat16))
     assert torch.equal(d, d64.to(torch.bfloat16))
     assert torch.equal(CosineSimilarityFunction.apply(x, y, 1, 1e39)[0], s.detach())
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: polycos.cosine_similarity(a, b, eps=1e39), backend="aot_eager")
+    assert torch.equal(compiled(x, y), s.detach())
 
 
 def _every_operator_call(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

@@ -381,18 +381,18 @@ class Widened:
     underflow would get the value for that ``eps`` instead. Widening is exact;
     each result is the float64 path's, rounded once. :func:`polycos._validate.validate`
     puts it in a call's ``backend`` where float64 exists; every other attribute is
-    the backend's own.
+    the backend's own. ``out_dtype``: the inputs' dtype, the results'.
     """
 
     def __init__(self, backend: Backend, dtype: Any) -> None:
-        self._backend, self._dtype = backend, dtype
+        self._backend, self.out_dtype = backend, dtype
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
     def _narrow(self, xp: Any, a: Array | None) -> Array | None:
         # (the backend's quiet cast to a narrower dtype: rounding to bfloat16 may underflow by design)
-        return None if a is None else self._backend.cast_grad(xp, a, self._dtype)
+        return None if a is None else self._backend.cast_grad(xp, a, self.out_dtype)
 
     def forward(self, call: Call) -> Array:
         return self._narrow(call.xp, self._backend.forward(call))
