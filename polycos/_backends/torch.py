@@ -44,6 +44,7 @@ import torch
 # torch._dynamo is imported now, under the registry's catch_warnings: the first operator
 # call would import it (and sympy with it, which adds a warning filter) in the user's code.
 import torch._dynamo
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd import forward_ad
 
@@ -113,12 +114,19 @@ def _no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _out_shape(x1: torch.Tensor, x2: torch.Tensor, axis: int) -> tuple:
+def _broadcast_shape(x1: torch.Tensor, x2: torch.Tensor) -> tuple:
+    """``torch.broadcast_shapes`` of the two tensors' shapes, which equal integer shapes skip.
+
+    (It costs about 12 us an eager call; symbolic sizes go to it unread, so no
+    guard is added here.)
+    """
     s1, s2 = x1.shape, x2.shape
-    # Equal integer shapes skip torch.broadcast_shapes (12 us an eager call); symbolic
-    # sizes go to it unread, so no guard is added here
     same = all(type(d) is int for d in (*s1, *s2)) and s1 == s2
-    shape = s1 if same else torch.broadcast_shapes(s1, s2)
+    return tuple(s1 if same else torch.broadcast_shapes(s1, s2))
+
+
+def _out_shape(x1: torch.Tensor, x2: torch.Tensor, axis: int) -> tuple:
+    shape = _broadcast_shape(x1, x2)
     return (*shape[:axis], *shape[axis + 1 :])
 
 
@@ -405,8 +413,8 @@ def cosine_backward(
     native = _native(x1.device)
     if native is None or g.numel() == 0:  # an empty result: the core's zeros, in the inputs' dtypes
         return core_backward(g, x1, x2, res, axis, eps)
-    shape = torch.broadcast_shapes(x1.shape, x2.shape)
-    full = tuple(x1.shape) == tuple(shape) and tuple(x2.shape) == tuple(shape)
+    shape = _broadcast_shape(x1, x2)
+    full = tuple(x1.shape) == shape and tuple(x2.shape) == shape
     dtype = x1.dtype if full else _acc(x1.dtype)  # broadcast rows are summed in the accumulation dtype
     d1 = torch.empty(shape, dtype=dtype, device=x1.device)
     d2 = torch.empty(shape, dtype=dtype, device=x1.device)
@@ -1054,13 +1062,37 @@ def _differentiated(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts) and not torch.jit.is_tracing()
 
 
+def _c_apply(fn: type) -> Any:
+    """``fn``'s C-level ``apply`` (``torch._C._FunctionBase.apply`` bound to ``fn``), or ``None``."""
+    base = getattr(torch._C, "_FunctionBase", None)
+    descriptor = None if base is None else base.__dict__.get("apply")
+    return None if descriptor is None else descriptor.__get__(None, fn)
+
+
+def _apply(fn: type, *args: Any) -> Any:
+    """``fn.apply(*args)``; eagerly, with every argument positional, without its per-call binding.
+
+    ``Function.apply`` binds the arguments to ``forward``'s signature with
+    :func:`inspect.signature` on every call (about 10 us: a fifth of a 32 x 128
+    forward on inputs that require grad), then, with no ``torch.func``
+    transform active, drops dead functorch wrappers and calls the C-level
+    ``apply``. Every argument here is positional and present, so the binding is
+    the identity and is skipped; under a transform, or while Dynamo traces (it
+    recognises ``Function.apply`` itself), the public ``apply`` runs.
+    """
+    direct = _C_APPLY.get(fn)
+    if direct is None or _compiling() or torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return direct(*_unwrap_dead_wrappers(args))
+
+
 def apply_cosine(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The row-wise Function (without ``jvp`` while Dynamo traces); 0-d inputs as 1-vectors."""
     fn = _Cosine if _compiling() else CosineFunction
     if x1.ndim == 0 and x2.ndim == 0:
-        s, res = fn.apply(x1.reshape(1), x2.reshape(1), 0, eps)
+        s, res = _apply(fn, x1.reshape(1), x2.reshape(1), 0, eps)
         return s.reshape(()), res
-    return fn.apply(x1, x2, axis, eps)
+    return _apply(fn, x1, x2, axis, eps)
 
 
 class _Direct:
@@ -1079,7 +1111,11 @@ class _Direct:
 def apply_pairwise(x1: torch.Tensor, x2: torch.Tensor | None, eps: float, shapes: tuple | None = None) -> torch.Tensor:
     """The pairwise Function; ``shapes``: an outer-product plan's ``direct`` shapes (inputs of any shape)."""
     fn = _Pairwise if _compiling() else PairwiseFunction
-    return fn.apply(x1, x2, eps, None if shapes is None else _Direct(shapes))[0]
+    return _apply(fn, x1, x2, eps, None if shapes is None else _Direct(shapes))[0]
+
+
+#: The Functions' C-level ``apply`` (:func:`_apply`); empty where torch has none.
+_C_APPLY = {fn: a for fn in (CosineFunction, PairwiseFunction) if (a := _c_apply(fn)) is not None}
 
 
 # --------------------------------------------------------------------------- the backend
