@@ -105,12 +105,12 @@ class CosineSimilarityFunction(_backend.CosineFunction):
         a1, a2, axis = call.x1, call.x2, call.axis
         # Dynamo graph-breaks on a Function with a custom ``jvp`` and runs this eagerly; where
         # it traces this method anyway, the twin without ``jvp`` (it cannot trace ``super()`` here).
-        apply = _backend._Cosine.apply if torch.compiler.is_compiling() else super().apply
+        fn = _backend._Cosine if torch.compiler.is_compiling() else cls
         if not call.shape:
-            s, res = apply(a1.reshape(1), a2.reshape(1), 0, call.eps)
+            s, res = _backend._apply(fn, a1.reshape(1), a2.reshape(1), 0, call.eps)
             s = s.reshape(())
         else:
-            s, res = apply(a1, a2, axis, call.eps)
+            s, res = _backend._apply(fn, a1, a2, axis, call.eps)
         if isinstance(call.backend, Widened):  # (an eps beyond float32's range: computed in float64)
             s = s.to(call.backend.out_dtype)
         return s, res

@@ -680,34 +680,38 @@ def test_eager_calls_reach_the_implementations_directly_only_when_unobserved(mon
 
 def test_eager_functions_skip_apply_argument_binding_only_outside_transforms(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eagerly, the Functions are applied through the C-level ``apply`` (``_apply``: no per-call
-    :func:`inspect.signature` binding, 10 us a call less); under a ``torch.func`` transform the
-    public ``Function.apply`` runs, as it must. Values and gradients are the same either way."""
+    :func:`inspect.signature` binding, 10 us a call less); under a ``torch.func`` transform
+    ``torch.autograd.Function.apply`` runs, as it must. Values and gradients are the same either way,
+    also through :class:`polycos.torch.CosineSimilarityFunction`, which overrides ``apply``."""
+    from polycos.torch import CosineSimilarityFunction
+
     calls: list[str] = []
-    for fn in (backend.CosineFunction, backend.PairwiseFunction):
-        original = fn.apply
+    original = backend._FUNCTION_APPLY
 
-        def counted(cls: type, *args: object, _original: object = original) -> object:
-            calls.append(cls.__name__)
-            return _original(*args)  # type: ignore[operator]
+    def counted(cls: type, *args: object) -> object:
+        calls.append(cls.__name__)
+        return original(cls, *args)
 
-        monkeypatch.setattr(fn, "apply", classmethod(counted))
+    monkeypatch.setattr(backend, "_FUNCTION_APPLY", counted)
     x = torch.randn(5, 7, dtype=torch.float64, generator=_gen(63), requires_grad=True)
     y = torch.randn(5, 7, dtype=torch.float64, generator=_gen(64), requires_grad=True)
 
     def loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return polycos.cosine_similarity(a, b).sum() + polycos.pairwise_cosine_similarity(a, b).sum()
+        return (polycos.cosine_similarity(a, b).sum() + polycos.pairwise_cosine_similarity(a, b).sum()
+                + CosineSimilarityFunction.apply(a, b, 1, 1e-8)[0].sum())
 
+    names = {"CosineFunction", "PairwiseFunction", "CosineSimilarityFunction"}
+    assert backend._BASE_APPLY is not None
     eager = torch.autograd.grad(loss(x, y), (x, y))
-    assert set(backend._C_APPLY) == {backend.CosineFunction, backend.PairwiseFunction}
-    assert calls == []  # both Functions recorded without the public apply
+    assert calls == []  # every Function recorded without the public apply
     transformed = torch.func.grad(loss, argnums=(0, 1))(x.detach(), y.detach())
-    assert set(calls) == {"CosineFunction", "PairwiseFunction"}
+    assert set(calls) == names
     for a, b in zip(eager, transformed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
-    monkeypatch.setattr(backend, "_C_APPLY", {})  # a torch without the C-level apply: the public one
+    monkeypatch.setattr(backend, "_BASE_APPLY", None)  # a torch without the C-level apply: the public one
     calls.clear()
     assert all(torch.equal(a, b) for a, b in zip(eager, torch.autograd.grad(loss(x, y), (x, y)), strict=True))
-    assert calls == ["CosineFunction", "PairwiseFunction"]
+    assert set(calls) == names
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

@@ -1062,11 +1062,10 @@ def _differentiated(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts) and not torch.jit.is_tracing()
 
 
-def _c_apply(fn: type) -> Any:
-    """``fn``'s C-level ``apply`` (``torch._C._FunctionBase.apply`` bound to ``fn``), or ``None``."""
+def _base_apply() -> Any:
+    """``torch._C._FunctionBase.apply``, the C-level ``apply`` every Function ends in, or ``None``."""
     base = getattr(torch._C, "_FunctionBase", None)
-    descriptor = None if base is None else base.__dict__.get("apply")
-    return None if descriptor is None else descriptor.__get__(None, fn)
+    return None if base is None else base.__dict__.get("apply")
 
 
 def _apply(fn: type, *args: Any) -> Any:
@@ -1078,12 +1077,21 @@ def _apply(fn: type, *args: Any) -> Any:
     transform active, drops dead functorch wrappers and calls the C-level
     ``apply``. Every argument here is positional and present, so the binding is
     the identity and is skipped; under a transform, or while Dynamo traces (it
-    recognises ``Function.apply`` itself), the public ``apply`` runs.
+    recognises ``Function.apply`` itself), the public ``apply`` runs
+    (``torch.autograd.Function.apply``, also for a subclass that overrides it,
+    such as :class:`polycos.torch.CosineSimilarityFunction`).
     """
-    direct = _C_APPLY.get(fn)
-    if direct is None or _compiling() or torch._C._are_functorch_transforms_active():
+    if _compiling():
         return fn.apply(*args)
-    return direct(*_unwrap_dead_wrappers(args))
+    if _BASE_APPLY is None or torch._C._are_functorch_transforms_active():
+        return _FUNCTION_APPLY(fn, *args)
+    return _BASE_APPLY.__get__(None, fn)(*_unwrap_dead_wrappers(args))
+
+
+#: The C-level ``apply`` (:func:`_apply`); ``None`` where torch has none.
+_BASE_APPLY = _base_apply()
+#: ``torch.autograd.Function.apply`` as a plain function of the class.
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__
 
 
 def apply_cosine(x1: torch.Tensor, x2: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1113,9 +1121,6 @@ def apply_pairwise(x1: torch.Tensor, x2: torch.Tensor | None, eps: float, shapes
     fn = _Pairwise if _compiling() else PairwiseFunction
     return _apply(fn, x1, x2, eps, None if shapes is None else _Direct(shapes))[0]
 
-
-#: The Functions' C-level ``apply`` (:func:`_apply`); empty where torch has none.
-_C_APPLY = {fn: a for fn in (CosineFunction, PairwiseFunction) if (a := _c_apply(fn)) is not None}
 
 
 # --------------------------------------------------------------------------- the backend
