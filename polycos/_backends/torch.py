@@ -1122,7 +1122,6 @@ def apply_pairwise(x1: torch.Tensor, x2: torch.Tensor | None, eps: float, shapes
     return _apply(fn, x1, x2, eps, None if shapes is None else _Direct(shapes))[0]
 
 
-
 # --------------------------------------------------------------------------- the backend
 
 
