@@ -312,6 +312,60 @@ def test_gradient_is_core_gradient_bitwise(acc: str, rescaled: bool, eps: float)
         assert same_values(gv, np.asarray(wv, dtype=dt))
 
 
+# (dtype, accumulation dtype) pairs whose rows may be rescaled, so that both of
+# row_grad's arithmetic variants run; (small, big): a row norm and a cotangent whose
+# quotient overflows (test_guarantees' cotangent-over-the-norm case).
+_RESCALED = {
+    ("bfloat16", "float32"): (-18, 112),
+    ("float32", "float32"): (-18, 112),
+    ("float64", "float64"): (-200, 826),
+}
+
+
+@pytest.mark.parametrize(("dtype", "acc"), list(_RESCALED))
+@pytest.mark.parametrize("d", [3, 16, 37])
+@pytest.mark.parametrize("layout", ["row", "strided", "column"])
+def test_kernel_gradient_rows_are_core_gradient_bitwise(dtype: str, acc: str, d: int, layout: str) -> None:
+    """The kernel's VJP through every layout, on rows of every arithmetic variant (plain
+    rows; rescaled rows, m != 1; shifted cotangents, p != 1), is _core's VJP from the same
+    residuals bit for bit, in the accumulation dtype (no narrowing to compare through)."""
+    rng = np.random.default_rng(d)
+    small, big = _RESCALED[(dtype, acc)]
+    info = ml_dtypes.finfo(BF16) if dtype == "bfloat16" else np.finfo(dtype)
+    rows = 24
+    a = rng.uniform(-2, 2, (rows, d))
+    b = rng.uniform(-2, 2, (rows, d))
+    a[0], a[0, 0] = 0.0, 2.0**small  # ||x1|| tiny: g / ||x1|| overflows, p1 != 1 ...
+    b[0], b[0, 0], b[0, 1] = 0.0, 1.0, 2.0**-7  # ... the gradient (2^-7 of it) does not
+    a[1:4] *= float(info.smallest_normal) * 8  # rescaled rows: m != 1
+    a[4:7] *= float(info.max) / 64
+    g = rng.uniform(-3, 3, rows)
+    g[0] = 2.0**big
+    x1, x2 = as_dtype(a, dtype), as_dtype(b, dtype)
+    gk = g.astype(acc)
+    if layout == "column":
+        x1, x2 = np.ascontiguousarray(x1.T), np.ascontiguousarray(x2.T)
+    elif layout == "strided":
+        x1, x2 = np.asfortranarray(x1), x2[:, ::-1].copy()[:, ::-1]
+    dim = 0 if layout == "column" else 1
+    _out, res = K.forward(x1, x2, dim, 0.0, acc_dtype=np.dtype(acc))
+    d1, d2 = K.backward(gk, x1, x2, dim, 0.0, res, out_dtype=np.dtype(acc))
+    if layout == "column":
+        d1, d2, x1, x2 = d1.T, d2.T, x1.T, x2.T
+    with np.errstate(all="ignore"):
+        keep = _core.Residuals(*(res[:, i : i + 1] for i in range(5)))
+        k = _core.grad_coefficients(np, gk[:, None], keep, 0.0, rescaled=True)
+        # every variant runs: a shifted row, rescaled rows, plain rows
+        assert k.p1[0, 0] != 1
+        assert np.all(k.m1[1:7] != 1)
+        assert np.all(k.p1[1:] == 1)
+        want = _core.grad_elementwise(np, x1.astype(acc), x2.astype(acc), k, rescaled=True)
+    for got, w in zip((d1, d2), want, strict=True):
+        assert got.dtype == np.dtype(acc)
+        assert same_values(got, w)
+    assert np.all(np.isfinite(d1[0])), "the shifted row's gradient is finite"
+
+
 def test_range_limits_are_the_cores() -> None:
     """The rescue thresholds compiled into rows.h are _core._suspect's."""
     for acc in ("float32", "float64"):

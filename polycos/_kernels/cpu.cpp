@@ -2020,21 +2020,42 @@ void forward_rows(const Call& c, i64 r0, i64 r1) {
 }
 
 // _core.grad_elementwise over a row, L elements at a time.
-template <class Cf, typename O, bool CONTIG, bool DIV>
+// GENERAL: any coefficients (the divisions by m and the shifts p apply);
+// else m1 = m2 = 1 and p1 = p2 = 1, where skipping them gives the same bits.
+// The coefficients are splatted into vectors once (the stores go through
+// memcpy, so a reference to them would be reloaded after every store).
+template <class Cf, typename O, bool CONTIG, bool GENERAL>
 void row_grad(const typename Cf::T* x1, i64 s1, const typename Cf::T* x2, i64 s2, O* d1, i64 sd1, O* d2,
               i64 sd2, i64 n, const GradCoefs<typename Cf::A>& k) {
     typedef typename Lanes<Cf>::N N;
     typedef typename Cf::A A;
     constexpr int L = Cf::L, K = Lanes<Cf>::K;
-    for (i64 j = 0; j < n; j += L) {
-        const int cnt = int(std::min<i64>(L, n - j));
+    const GradCoefs<N> kv{splat<N>(k.u1), splat<N>(k.u2), splat<N>(k.r1), splat<N>(k.r2), splat<N>(k.t1),
+                          splat<N>(k.t2), splat<N>(k.m1), splat<N>(k.m2), splat<N>(k.p1), splat<N>(k.p2)};
+    auto step = [&](i64 j, int cnt) {
         N a[K], b[K], g1[K], g2[K];
         load_lanes<Cf, CONTIG>(x1 + j * s1, s1, cnt, a);
         load_lanes<Cf, CONTIG>(x2 + j * s2, s2, cnt, b);
-        for (int v = 0; v < K; ++v) polycos_rows::grad_element<DIV>(a[v], b[v], k, g1[v], g2[v]);
+        for (int v = 0; v < K; ++v) polycos_rows::grad_element<GENERAL, GENERAL>(a[v], b[v], kv, g1[v], g2[v]);
         store_lanes<O, A, L, CONTIG>(d1 + j * sd1, sd1, cnt, g1);
         store_lanes<O, A, L, CONTIG>(d2 + j * sd2, sd2, cnt, g2);
-    }
+    };
+    // Whole steps, then the partial one: the loop holds no call (the partial
+    // step's memcpy), so the coefficients stay in registers.
+    const i64 whole = n - n % L;
+    for (i64 j = 0; j < whole; j += L) step(j, L);
+    if (whole < n) step(whole, int(n - whole));
+}
+
+// row_grad with the arithmetic chosen by the row's coefficients: general, or
+// without the unit scales and shifts (almost every row).
+template <class Cf, typename O, bool CONTIG>
+PCI void row_grad_any(const typename Cf::T* x1, i64 s1, const typename Cf::T* x2, i64 s2, O* d1, i64 sd1, O* d2,
+                      i64 sd2, i64 n, const GradCoefs<typename Cf::A>& k) {
+    typedef typename Cf::A A;
+    if ((Cf::R && (k.m1 != A(1) || k.m2 != A(1))) || k.p1 != A(1) || k.p2 != A(1))
+        return row_grad<Cf, O, CONTIG, true>(x1, s1, x2, s2, d1, sd1, d2, sd2, n, k);
+    row_grad<Cf, O, CONTIG, false>(x1, s1, x2, s2, d1, sd1, d2, sd2, n, k);
 }
 
 template <class Cf, typename O, bool CONTIG>
@@ -2070,11 +2091,7 @@ void backward_rows(const Call& c, i64 r0, i64 r1) {
             const GradCoefs<A> k = polycos_rows::grad_coefficients<Cf::R>(gj, st[j], eps);
             O* q1 = (O*)c.d1 + off[j][kBwdD1];
             O* q2 = (O*)c.d2 + off[j][kBwdD2];
-            if (Cf::R && (k.m1 != A(1) || k.m2 != A(1)))
-                row_grad<Cf, O, CONTIG, true>(p1[j], s1, p2[j], s2, q1, p.astride[kBwdD1], q2, p.astride[kBwdD2], p.n, k);
-            else
-                row_grad<Cf, O, CONTIG, false>(p1[j], s1, p2[j], s2, q1, p.astride[kBwdD1], q2, p.astride[kBwdD2], p.n,
-                                               k);
+            row_grad_any<Cf, O, CONTIG>(p1[j], s1, p2[j], s2, q1, p.astride[kBwdD1], q2, p.astride[kBwdD2], p.n, k);
         }
     }
 }
@@ -2126,10 +2143,7 @@ void backward_dense_rows(const Call& c, i64 r0, i64 r1) {
                                  kv.m1[j], kv.m2[j], kv.p1[j], kv.p2[j]};
             O* q1 = d1 + (r + j) * n;
             O* q2 = d2 + (r + j) * n;
-            if (Cf::R && (k.m1 != A(1) || k.m2 != A(1)))
-                row_grad<Cf, O, true, true>(p1[j], 1, p2[j], 1, q1, 1, q2, 1, n, k);
-            else
-                row_grad<Cf, O, true, false>(p1[j], 1, p2[j], 1, q1, 1, q2, 1, n, k);
+            row_grad_any<Cf, O, true>(p1[j], 1, p2[j], 1, q1, 1, q2, 1, n, k);
         }
     }
 }

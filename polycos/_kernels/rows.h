@@ -319,19 +319,24 @@ PC_HD GradCoefs<V> grad_coefficients(V g, const Res5<V>& res, V eps) {
 // apply (x / m first; the bracket, at most 2 in magnitude, divided by m >=
 // smallest normal before u multiplies it, so nothing over- or underflows
 // unless the gradient does); callers pass false when both scales are 1, which
-// gives the same bits.
-template <bool DIV, typename V, typename K>
+// gives the same bits. P: the shifts p apply; callers pass false when both
+// are 1 (x * 1 is x: the same bits again).
+template <bool DIV, bool P = true, typename V, typename K>
 PC_HD void grad_element(V a1, V a2, const K& k, V& d1, V& d2) {
     if (DIV) {
         const V h1 = (a1 / k.m1) * k.r1;
         const V h2 = (a2 / k.m2) * k.r2;
-        d1 = (k.u1 * ((h2 - k.t1 * h1) / k.m1)) * k.p1;
-        d2 = (k.u2 * ((h1 - k.t2 * h2) / k.m2)) * k.p2;
+        d1 = k.u1 * ((h2 - k.t1 * h1) / k.m1);
+        d2 = k.u2 * ((h1 - k.t2 * h2) / k.m2);
     } else {
         const V h1 = a1 * k.r1;
         const V h2 = a2 * k.r2;
-        d1 = (k.u1 * (h2 - k.t1 * h1)) * k.p1;
-        d2 = (k.u2 * (h1 - k.t2 * h2)) * k.p2;
+        d1 = k.u1 * (h2 - k.t1 * h1);
+        d2 = k.u2 * (h1 - k.t2 * h2);
+    }
+    if (P) {
+        d1 = d1 * k.p1;
+        d2 = d2 * k.p2;
     }
 }
 
