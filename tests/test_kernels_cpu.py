@@ -169,6 +169,47 @@ SCALES = {
 }
 
 
+def test_float32_residuals_come_from_float64_sums() -> None:
+    """(float32, float32), JAX without x64: the result is the (float32, float64) pair's
+    (NumPy's bits); a row's residuals are that pair's rounded to float32 with m = 1 where
+    its sums of squares lie in float32's safe range (or are 0), else the float32 pair's
+    (rescued: m != 1; non-finite), row by row; the VJP recomputing them equals the VJP
+    from them, bit for bit, and both match the reference."""
+    rng = np.random.default_rng(21)
+    a = rng.standard_normal((12, 40))
+    b = rng.standard_normal((12, 40))
+    a[3] *= 1e-30  # sums of squares below the safe range: rescued in float32
+    a[5] *= 1e30  # above it
+    a[7, 2] = np.nan
+    a[9] = 0
+    x1, x2 = a.astype(np.float32), b.astype(np.float32)
+    out64, res64 = K.forward(x1, x2, 1, 1e-8)
+    out32, res32 = K.forward(x1, x2, 1, 1e-8, acc_dtype=np.float32)
+    assert same_values(out32, out64)
+    plain = [0, 1, 2, 4, 6, 8, 9, 10, 11]
+    want = res64[plain].astype(np.float32)
+    want[:, 3:] = 1
+    assert same_bits(res32[plain], want)
+    assert np.all(res32[[3, 5], 3] != 1)  # the float32 pair's rescue: m = max|x1|
+    assert np.all(np.isfinite(res32[[3, 5]]))
+    for r in range(12):  # row-local: a row alone has the bits it has among the others
+        _o, alone = K.forward(x1[r : r + 1], x2[r : r + 1], 1, 1e-8, acc_dtype=np.float32)
+        assert same_values(alone, res32[r : r + 1]), r
+    value_only, _none = K.forward(x1, x2, 1, 1e-8, acc_dtype=np.float32, want_res=False)
+    assert same_values(value_only, out32)
+    g = rng.uniform(-2, 2, 12).astype(np.float32)
+    from_res = K.backward(g, x1, x2, 1, 1e-8, res32)
+    recomputed = K.backward(g, x1, x2, 1, 1e-8, None, acc_dtype=np.float32)
+    finite = [r for r in range(12) if r != 7]
+    for u, v in zip(from_res, recomputed, strict=True):
+        assert u.dtype == np.float32
+        assert same_values(u, v)
+    assert_vjp_matches_reference(
+        tuple(d[finite] for d in from_res), wide(g[finite]), wide(x1[finite]), wide(x2[finite]), 1, 1e-8
+    )
+    assert np.all(np.isnan(from_res[0][7]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("where", ["bottom", "top", "subnormal"])
 @pytest.mark.parametrize("layout", ["row", "column"])
@@ -1090,6 +1131,30 @@ def test_jax_ffi_matches_numpy_bitwise(jax, dtype: str) -> None:
     wn = K.normalize_rows(a, 1e-8, acc_dtype=acc)
     for u, v in zip(nr, wn, strict=True):
         assert same_bits(np.asarray(u), v)
+
+
+def test_jax_float32_result_is_numpys_differentiated_or_not(jax) -> None:
+    """Without x64, float32 ``s`` under ``jax.vjp`` (the forward that keeps float32
+    residuals) is the value-only call's and NumPy's, bit for bit; so is the gradient."""
+    import jax.numpy as jnp
+
+    import polycos
+
+    if jax.dtypes.canonicalize_dtype(np.float64) == np.dtype(np.float64):
+        pytest.skip("x64 is on: float32 accumulates in float64 anyway")
+    rng = np.random.default_rng(12)
+    a = rng.standard_normal((9, 33)).astype(np.float32)
+    b = rng.standard_normal((9, 33)).astype(np.float32)
+    g = rng.standard_normal(9).astype(np.float32)
+    want = polycos.cosine_similarity(a, b)
+    value = jax.jit(polycos.cosine_similarity)(jnp.asarray(a), jnp.asarray(b))
+    s, pull = jax.vjp(jax.jit(polycos.cosine_similarity), jnp.asarray(a), jnp.asarray(b))
+    assert same_bits(np.asarray(value), want)
+    assert same_bits(np.asarray(s), want)
+    _s, res = K.forward(a, b, 1, 1e-8, acc_dtype=np.float32)
+    want_grads = K.backward(g, a, b, 1, 1e-8, res)
+    for got, w in zip(pull(jnp.asarray(g)), want_grads, strict=True):
+        assert same_bits(np.asarray(got), w)
 
 
 def test_jax_ffi_x64(jax) -> None:

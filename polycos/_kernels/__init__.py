@@ -85,7 +85,8 @@ DEFAULT_ACC: dict[str, str] = {
     "float32": "float64",
     "float64": "float64",
 }
-#: Supported (storage, accumulation) pairs; float32/float32 serves JAX without x64.
+#: Supported (storage, accumulation) pairs; float32/float32 serves JAX without x64 (float32
+#: residuals, from float64 sums where float32 would not rescale the row: docs/kernels.md).
 PAIRS: frozenset[tuple[str, str]] = frozenset(
     {
         ("float16", "float32"),
@@ -957,12 +958,10 @@ def jax_forward_value(x1: Any, x2: Any, axis: int, eps: float, *, nthreads: int 
     """The value of :func:`jax_forward` without its residuals (nothing to differentiate).
 
     The same kernel with the residuals' pointer null: 5 accumulation-dtype
-    numbers a row fewer written. No residual leaves the kernel, so float32
-    accumulates in float64 even where JAX has no float64 (x64 off), as NumPy's
-    path does: exact products and sums instead of the compensated float32
-    variant, which costs about twice as much at D = 16. Both are within 1
-    ulp(1.0) of the exact value; on random rows of every length tried they
-    give the same bits.
+    numbers a row fewer written. Float32 accumulates in float64 even where JAX
+    has no float64 (x64 off), as NumPy's path and :func:`jax_forward` do (the
+    kernel's (float32, float32) pair sums in float64 and rounds its residuals):
+    the same bits as NumPy's result.
     """
     import jax
 

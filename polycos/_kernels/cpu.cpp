@@ -594,9 +594,9 @@ inline int run_guarded(const Call& call, RangeFn fn, i64 work_per_row, int nthre
 
 // ------------------------------------------------------------------ forward
 
-inline int forward(int dtype, int acc, const void* x1, int nd1, const i64* shape1, const i64* strides1,
-                   const void* x2, int nd2, const i64* shape2, const i64* strides2, int axis, void* out,
-                   const i64* out_strides, void* res, double eps, int nthreads) {
+inline int forward_pair(int dtype, int acc, const void* x1, int nd1, const i64* shape1, const i64* strides1,
+                        const void* x2, int nd2, const i64* shape2, const i64* strides2, int axis, void* out,
+                        const i64* out_strides, void* res, double eps, int nthreads) {
     if (!valid_dtype(dtype) || !valid_pair(dtype, acc)) return kBadDtype;
     const int nds[2] = {nd1, nd2};
     const i64* shapes[2] = {shape1, shape2};
@@ -639,13 +639,85 @@ inline int forward(int dtype, int acc, const void* x1, int nd1, const i64* shape
     return run_guarded(call, kernels_for(current_isa()).forward, p.n + 1, nthreads);
 }
 
+// Float32 residuals (JAX without x64: no float64 arrays) from float64 sums.
+// The (float32, float32) pair's compensated sums cost twice the float64 ones
+// (32768 x 256, one thread: 4.7-5.2 ms against 2.2-2.6 for a forward that
+// keeps residuals), and its residuals are used only by the VJP, which works
+// from any accurate (s, n1s, n2s, m1, m2). So the forward runs the (float32,
+// float64) pair, which writes the result (NumPy's bits), and rounds a row's
+// residuals to float32 with m = 1 where that is the float32 pair's choice
+// too: both sums of squares in its safe range [lo_th, hi_th], or 0. Other
+// rows (to be rescaled in float32, or not finite) get the (float32, float32)
+// pair's residuals, from a second pass made only then (its s discarded: the
+// result stays the float64 sums'). Without residuals the (float32, float64)
+// pair alone: the same result either way. The scratch is per calling thread
+// and kept.
+inline int forward(int dtype, int acc, const void* x1, int nd1, const i64* shape1, const i64* strides1,
+                   const void* x2, int nd2, const i64* shape2, const i64* strides2, int axis, void* out,
+                   const i64* out_strides, void* res, double eps, int nthreads) {
+    if (!(dtype == kF32 && acc == kF32 && res))
+        return forward_pair(dtype, dtype == kF32 && acc == kF32 ? int(kF64) : acc, x1, nd1, shape1, strides1, x2,
+                            nd2, shape2, strides2, axis, out, out_strides, res, eps, nthreads);
+    const int nds[2] = {nd1, nd2};
+    const i64* shapes[2] = {shape1, shape2};
+    int nd;
+    i64 full[kMaxRank];
+    if (int st = broadcast_shapes(2, nds, shapes, nd, full)) return st;
+    if (nd < 1) return kBadRank;
+    if (axis < 0 || axis >= nd) return kBadAxis;
+    i64 rows = 1, cst[kMaxRank];
+    for (int d = nd - 1, k = nd - 2; d >= 0; --d) {
+        if (d == axis) continue;
+        cst[k--] = rows;  // C strides of the result (its scratch copy below)
+        if (__builtin_mul_overflow(rows, full[d], &rows)) return kTooLarge;
+    }
+    if (rows == 0) return kOk;
+    thread_local std::vector<double> wide;
+    thread_local std::vector<float> scratch;
+    try {
+        if (wide.size() < size_t(rows) * 5) wide.resize(size_t(rows) * 5);
+    } catch (...) {
+        return kInternal;
+    }
+    int st = forward_pair(kF32, kF64, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis, out, out_strides,
+                          wide.data(), eps, nthreads);
+    if (st != kOk) return st;
+    const double lo = polycos_rows::Lim<float>::lo_th(), hi = polycos_rows::Lim<float>::hi_th();
+    auto unscaled = [&](i64 i) {  // row i's norms both 0 or with squares in range (NaN: not)
+        const double n1 = wide[i + 1], n2 = wide[i + 2];
+        return (n1 == 0 || (n1 * n1 >= lo && n1 * n1 <= hi)) && (n2 == 0 || (n2 * n2 >= lo && n2 * n2 <= hi));
+    };
+    bool all = true;
+    for (i64 i = 0; i < rows * 5 && all; i += 5) all = unscaled(i);
+    if (!all) {  // the float32 pair's residuals first, then the unscaled rows' overwritten
+        try {
+            if (scratch.size() < size_t(rows)) scratch.resize(size_t(rows));
+        } catch (...) {
+            return kInternal;
+        }
+        st = forward_pair(kF32, kF32, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis, scratch.data(),
+                          cst, res, eps, nthreads);
+        if (st != kOk) return st;
+    }
+    float* q = static_cast<float*>(res);
+    for (i64 i = 0; i < rows * 5; i += 5) {
+        if (all || unscaled(i)) {
+            q[i] = float(wide[i]);
+            q[i + 1] = float(wide[i + 1]);
+            q[i + 2] = float(wide[i + 2]);
+            q[i + 3] = q[i + 4] = 1.0f;
+        }
+    }
+    return kOk;
+}
+
 // ------------------------------------------------------------------ backward
 
-inline int backward(int dtype, int acc, int out_dtype, const void* x1, int nd1, const i64* shape1,
-                    const i64* strides1, const void* x2, int nd2, const i64* shape2, const i64* strides2,
-                    int axis, int g_dtype, const void* g, int ndg, const i64* shapeg, const i64* stridesg,
-                    const void* res, void* d1, const i64* d1_strides, void* d2, const i64* d2_strides,
-                    double eps, int nthreads) {
+inline int backward_pair(int dtype, int acc, int out_dtype, const void* x1, int nd1, const i64* shape1,
+                         const i64* strides1, const void* x2, int nd2, const i64* shape2, const i64* strides2,
+                         int axis, int g_dtype, const void* g, int ndg, const i64* shapeg, const i64* stridesg,
+                         const void* res, void* d1, const i64* d1_strides, void* d2, const i64* d2_strides,
+                         double eps, int nthreads) {
     if (!valid_dtype(dtype) || !valid_pair(dtype, acc)) return kBadDtype;
     if (out_dtype != dtype && out_dtype != acc) return kBadDtype;
     if (g_dtype != dtype && g_dtype != acc) return kBadDtype;
@@ -723,6 +795,46 @@ inline int backward(int dtype, int acc, int out_dtype, const void* x1, int nd1, 
         call.layout = kRowStrided;
     }
     return run_guarded(call, kernels_for(current_isa()).backward, (res ? 2 : 3) * p.n + 1, nthreads);
+}
+
+// The VJP. (float32, float32) without residuals takes them from forward
+// first (per calling thread, kept), so that its gradients are those of the
+// VJP from forward's residuals, whose float64 sums no row loop here repeats.
+inline int backward(int dtype, int acc, int out_dtype, const void* x1, int nd1, const i64* shape1,
+                    const i64* strides1, const void* x2, int nd2, const i64* shape2, const i64* strides2,
+                    int axis, int g_dtype, const void* g, int ndg, const i64* shapeg, const i64* stridesg,
+                    const void* res, void* d1, const i64* d1_strides, void* d2, const i64* d2_strides,
+                    double eps, int nthreads) {
+    if (dtype == kF32 && acc == kF32 && !res && valid_dtype(out_dtype)) {
+        const int nds[2] = {nd1, nd2};
+        const i64* shapes[2] = {shape1, shape2};
+        int nd;
+        i64 full[kMaxRank];
+        if (int st = broadcast_shapes(2, nds, shapes, nd, full)) return st;
+        if (nd < 1) return kBadRank;
+        if (axis < 0 || axis >= nd) return kBadAxis;
+        i64 rows = 1, cst[kMaxRank];
+        for (int d = nd - 1, k = nd - 2; d >= 0; --d) {
+            if (d == axis) continue;
+            cst[k--] = rows;
+            if (__builtin_mul_overflow(rows, full[d], &rows)) return kTooLarge;
+        }
+        if (rows > 0) {
+            thread_local std::vector<float> value, stats;
+            try {
+                if (value.size() < size_t(rows)) value.resize(size_t(rows));
+                if (stats.size() < size_t(rows) * 5) stats.resize(size_t(rows) * 5);
+            } catch (...) {
+                return kInternal;
+            }
+            if (int st = forward(kF32, kF32, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis,
+                                 value.data(), cst, stats.data(), eps, nthreads))
+                return st;
+            res = stats.data();
+        }
+    }
+    return backward_pair(dtype, acc, out_dtype, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis,
+                         g_dtype, g, ndg, shapeg, stridesg, res, d1, d1_strides, d2, d2_strides, eps, nthreads);
 }
 
 // ------------------------------------------------------------------ normalize_rows
