@@ -672,8 +672,8 @@ inline int result_rows(int nd1, const i64* shape1, int nd2, const i64* shape2, i
 // rows (to be rescaled in float32, or not finite) get the (float32, float32)
 // pair's residuals, from a second pass made only then (its s discarded: the
 // result stays the float64 sums'). Without residuals the (float32, float64)
-// pair alone: the same result either way. The scratch is per calling thread
-// and kept.
+// pair alone: the same result either way. The float64 residuals are a
+// scratch of the call (40 bytes a row).
 inline int forward(int dtype, int acc, const void* x1, int nd1, const i64* shape1, const i64* strides1,
                    const void* x2, int nd2, const i64* shape2, const i64* strides2, int axis, void* out,
                    const i64* out_strides, void* res, double eps, int nthreads) {
@@ -683,15 +683,10 @@ inline int forward(int dtype, int acc, const void* x1, int nd1, const i64* shape
     i64 rows, cst[kMaxRank];
     if (int st = result_rows(nd1, shape1, nd2, shape2, axis, rows, cst)) return st;
     if (rows == 0) return kOk;
-    thread_local std::vector<double> wide;
-    thread_local std::vector<float> scratch;
-    try {
-        if (wide.size() < size_t(rows) * 5) wide.resize(size_t(rows) * 5);
-    } catch (...) {
-        return kInternal;
-    }
+    const std::unique_ptr<double[]> wide(new (std::nothrow) double[size_t(rows) * 5]);
+    if (!wide) return kInternal;
     int st = forward_pair(kF32, kF64, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis, out, out_strides,
-                          wide.data(), eps, nthreads);
+                          wide.get(), eps, nthreads);
     if (st != kOk) return st;
     const double lo = polycos_rows::Lim<float>::lo_th(), hi = polycos_rows::Lim<float>::hi_th();
     auto unscaled = [&](i64 i) {  // row i's norms both 0 or with squares in range (NaN: not)
@@ -701,12 +696,9 @@ inline int forward(int dtype, int acc, const void* x1, int nd1, const i64* shape
     bool all = true;
     for (i64 i = 0; i < rows * 5 && all; i += 5) all = unscaled(i);
     if (!all) {  // the float32 pair's residuals first, then the unscaled rows' overwritten
-        try {
-            if (scratch.size() < size_t(rows)) scratch.resize(size_t(rows));
-        } catch (...) {
-            return kInternal;
-        }
-        st = forward_pair(kF32, kF32, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis, scratch.data(),
+        const std::unique_ptr<float[]> scratch(new (std::nothrow) float[size_t(rows)]);
+        if (!scratch) return kInternal;
+        st = forward_pair(kF32, kF32, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis, scratch.get(),
                           cst, res, eps, nthreads);
         if (st != kOk) return st;
     }
@@ -809,8 +801,8 @@ inline int backward_pair(int dtype, int acc, int out_dtype, const void* x1, int 
 }
 
 // The VJP. (float32, float32) without residuals takes them from forward
-// first (per calling thread, kept), so that its gradients are those of the
-// VJP from forward's residuals, whose float64 sums no row loop here repeats.
+// first (a scratch of the call), so that its gradients are those of the VJP
+// from forward's residuals, whose float64 sums no row loop here repeats.
 inline int backward(int dtype, int acc, int out_dtype, const void* x1, int nd1, const i64* shape1,
                     const i64* strides1, const void* x2, int nd2, const i64* shape2, const i64* strides2,
                     int axis, int g_dtype, const void* g, int ndg, const i64* shapeg, const i64* stridesg,
@@ -820,17 +812,15 @@ inline int backward(int dtype, int acc, int out_dtype, const void* x1, int nd1, 
         i64 rows, cst[kMaxRank];
         if (int st = result_rows(nd1, shape1, nd2, shape2, axis, rows, cst)) return st;
         if (rows > 0) {
-            thread_local std::vector<float> value, stats;
-            try {
-                if (value.size() < size_t(rows)) value.resize(size_t(rows));
-                if (stats.size() < size_t(rows) * 5) stats.resize(size_t(rows) * 5);
-            } catch (...) {
-                return kInternal;
-            }
+            const std::unique_ptr<float[]> value(new (std::nothrow) float[size_t(rows)]);
+            const std::unique_ptr<float[]> stats(new (std::nothrow) float[size_t(rows) * 5]);
+            if (!value || !stats) return kInternal;
             if (int st = forward(kF32, kF32, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis,
-                                 value.data(), cst, stats.data(), eps, nthreads))
+                                 value.get(), cst, stats.get(), eps, nthreads))
                 return st;
-            res = stats.data();
+            return backward_pair(dtype, acc, out_dtype, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis,
+                                 g_dtype, g, ndg, shapeg, stridesg, stats.get(), d1, d1_strides, d2, d2_strides, eps,
+                                 nthreads);
         }
     }
     return backward_pair(dtype, acc, out_dtype, x1, nd1, shape1, strides1, x2, nd2, shape2, strides2, axis,
