@@ -1231,6 +1231,97 @@ def test_huge_page_advice_is_a_hint() -> None:
         K.advise_huge_pages_ptr(K.address(x), -1)
 
 
+_STREAM_PAIRS = [("float16", "float32"), ("bfloat16", "float32"), ("float32", "float64"),
+                 ("float32", "float32"), ("float64", "float64")]
+
+
+def _touched_lines(shape: tuple[int, ...], dtype, offset: int = 0) -> np.ndarray:
+    """An array written (so in memory: not np.zeros, whose pages may not be) starting ``offset``
+    bytes after a 64-byte line."""
+    dtype = np.dtype(dtype)
+    buf = np.empty(math.prod(shape) * dtype.itemsize + 128, np.uint8)
+    buf.fill(0)
+    start = -buf.ctypes.data % 64 + offset
+    return buf[start : start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize(("dtype", "acc"), _STREAM_PAIRS)
+@pytest.mark.parametrize("out", ["dtype", "acc"])
+@pytest.mark.parametrize("d", [16, 64, 256])
+def test_streamed_gradients_are_the_regular_ones_bitwise(dtype: str, acc: str, out: str, d: int) -> None:
+    """The VJP's streaming stores (cpu.cpp ``Call::stream``) write the bits regular stores write,
+    on plain, rescaled (one row near the top of the range) and shifted rows (a cotangent near the
+    top of the range), on one and on three threads; they are used only where every gradient row
+    starts a 64-byte line, the gradients exceed the threshold and their pages are in memory.
+    Mutation check: a bit flipped in a streamed value, or streaming without the alignment test,
+    fails it."""
+    rng = np.random.default_rng(d)
+    odt = dtype if out == "dtype" else acc
+    rows = 3 * 1024 * 64 // d  # 192 KiB of float32 gradient: 16, 64 and 256 cover the dense and row loops
+    a = rng.standard_normal((rows, d)) * np.exp(rng.uniform(-3, 3, (rows, 1)))
+    b = rng.standard_normal((rows, d))
+    if (dtype, acc) != ("float16", "float32"):
+        a[7] *= {"bfloat16": 1e30, "float32": 1e30, "float64": 1e200}[dtype]
+    x1, x2 = as_dtype(a, dtype), as_dtype(b, dtype)
+    _, res = K.forward(x1, x2, 1, 1e-8, acc_dtype=acc)
+    g = np.linspace(-1, 1, rows).astype(np_dtype(acc))
+    g[3] = np.finfo(np_dtype(acc)).max / 4  # the shifted coefficients (p != 1), where they apply
+    op = _operand
+
+    def vjp(stream_bytes: int, nthreads: int, offset: int = 0, fresh: bool = False):
+        d1, d2 = (_touched_lines((rows, d), np_dtype(odt), offset) for _ in range(2))
+        if fresh:  # new pages, never written: not in memory
+            import mmap
+
+            maps = [mmap.mmap(-1, d1.nbytes + 64) for _ in range(2)]
+            d1, d2 = (np.frombuffer(m, np_dtype(odt), rows * d).reshape(rows, d) for m in maps)
+        before = K.stream_calls()
+        K.set_stream_bytes(stream_bytes)
+        try:
+            K.backward_ptr(dtype, acc, odt, op(g), op(x1), op(x2), 1, 1e-8, K.address(res), op(d1), op(d2),
+                           nthreads, g_dtype=acc)
+        finally:
+            K.set_stream_bytes(None)
+        return d1.copy(), d2.copy(), K.stream_calls() - before
+
+    whole_lines = d * np.dtype(np_dtype(odt)).itemsize % 64 == 0  # else no row but the first starts a line
+    r1, r2, n = vjp(1 << 62, 1)
+    assert n == 0
+    for nthreads in (1, 3):
+        s1, s2, n = vjp(0, nthreads)
+        assert n == whole_lines, "aligned, resident gradients above the threshold stream"
+        assert same_bits(s1, r1)
+        assert same_bits(s2, r2)
+    u1, u2, n = vjp(0, 1, offset=16)
+    assert n == 0, "rows 16 bytes into a line do not stream"
+    assert same_bits(u1, r1)
+    assert same_bits(u2, r2)
+    f1, f2, n = vjp(0, 1, fresh=True)
+    assert n == 0, "gradients in new pages do not stream"
+    assert same_bits(f1, r1)
+    assert same_bits(f2, r2)
+    assert vjp(r1.nbytes * 2 + 1, 1)[2] == 0, "below the threshold: regular stores"
+    assert vjp(r1.nbytes * 2, 1)[2] == whole_lines
+
+
+def test_stream_threshold_is_half_the_l3() -> None:
+    """The default streaming threshold: half of CPU 0's L3 as sysfs gives it (32 MiB if unknown)."""
+    import glob
+
+    l3 = 32 << 20
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        with open(f"{d}/level") as f:
+            if f.read().strip() != "3":
+                continue
+        with open(f"{d}/size") as f:
+            size = f.read().strip()
+        l3 = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]] if size[-1] in "KM" else int(size)
+        break
+    K.set_stream_bytes(None)
+    assert K.set_stream_bytes(12345) == l3 // 2
+    assert K.set_stream_bytes(None) == 12345
+
+
 _TORCH_PAIRWISE_FAULTS = """
 import resource, sys, torch, polycos
 from polycos._backends import torch as tb

@@ -155,6 +155,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "polycos_set_isa": (_int, [_int]),
     "polycos_max_batch_dims": (_int, []),
     "polycos_range_limits": (_int, [_int, ctypes.POINTER(_dbl), ctypes.POINTER(_dbl)]),
+    "polycos_set_stream_bytes": (ctypes.c_int64, [ctypes.c_int64]),
+    "polycos_stream_calls": (ctypes.c_int64, []),
     "polycos_test_finish": (_int, [_int, _int, ctypes.c_int64, *([_vp] * 8), _dbl, _vp]),
     "polycos_test_grad": (
         _int,
@@ -233,6 +235,21 @@ def set_isa(name: str | None) -> str:
     if _lib().polycos_set_isa(code) < 0:
         raise ValueError(f"ISA {name!r} is not available here")
     return prev
+
+
+def set_stream_bytes(nbytes: int | None) -> int:
+    """Set the VJP's streaming-store threshold (bytes of both gradients; ``None``: half the L3).
+
+    At or above it, gradient rows that start 64-byte lines, in memory already,
+    are written with non-temporal stores (no read for ownership; the same
+    values). Returns the previous threshold. For tests and benchmarks.
+    """
+    return int(_lib().polycos_set_stream_bytes(-1 if nbytes is None else int(nbytes)))
+
+
+def stream_calls() -> int:
+    """How many VJP calls so far wrote their gradients with streaming stores (for tests)."""
+    return int(_lib().polycos_stream_calls())
 
 
 def max_batch_dims() -> int:
@@ -599,8 +616,8 @@ def backward(
     gfull = (1,) * max(0, from_end - 1 - g.ndim) + g.shape
     gfull = (*gfull[:len(gfull) - (from_end - 1)], 1, *gfull[len(gfull) - (from_end - 1):])
     shape = _broadcast(shape12, gfull)
-    d1 = np.empty(shape, dtype=_np_dtype(odt))
-    d2 = np.empty(shape, dtype=_np_dtype(odt))
+    d1 = empty_lines(shape, _np_dtype(odt))
+    d2 = empty_lines(shape, _np_dtype(odt))
     full_ax = len(shape) - from_end
     nt = num_threads(nthreads)
     try:
@@ -614,6 +631,21 @@ def backward(
             res = np.ascontiguousarray(np.broadcast_to(res.reshape((1,) * (len(shape) - len(shape12)) + res.shape), (*rshape, 5)))
         _backward_arrays(dtype, acc, odt, g, x1, x2, full_ax, eps, res, d1, d2, nt)
     return d1, d2
+
+
+def empty_lines(shape: tuple, dtype: Any) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting a 64-byte cache line (a view of a byte buffer when large).
+
+    NumPy's large arrays start 16 bytes into a line; the kernel writes large
+    gradients with streaming stores only where every row starts a line.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < 1 << 20:
+        return np.empty(shape, dtype)
+    buf = np.empty(nbytes + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    return buf[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _backward_arrays(
