@@ -202,11 +202,13 @@ inline std::atomic<i64>& stream_bytes_override() {
     static std::atomic<i64> v{-1};
     return v;
 }
+
 // Backward calls that streamed (the test hook polycos_stream_calls).
 inline std::atomic<i64>& stream_calls() {
     static std::atomic<i64> v{0};
     return v;
 }
+
 // Whether the pages of p.rows rows of operand `op` are in memory already (a
 // sample of 9 evenly spread pages, mincore). Streaming stores into new pages
 // are slower than regular ones: the first touch of a page has the kernel zero
@@ -259,7 +261,10 @@ inline i64 l3_bytes() {
 inline i64 stream_threshold() {
     const i64 o = stream_bytes_override().load(std::memory_order_relaxed);
     if (o >= 0) return o;
-    static const i64 half_l3 = (l3_bytes() > 0 ? l3_bytes() : i64(32) << 20) / 2;
+    static const i64 half_l3 = [] {
+        const i64 l3 = l3_bytes();
+        return (l3 > 0 ? l3 : i64(32) << 20) / 2;
+    }();
     return half_l3;
 }
 
