@@ -16,6 +16,7 @@ Skipped as a whole, with the loader's reason, only when the library was not buil
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 import time
 
@@ -1266,13 +1267,11 @@ def test_streamed_gradients_are_the_regular_ones_bitwise(dtype: str, acc: str, o
     _, res = K.forward(x1, x2, 1, 1e-8, acc_dtype=acc)
     g = np.linspace(-1, 1, rows).astype(np_dtype(acc))
     g[3] = np.finfo(np_dtype(acc)).max / 4  # the shifted coefficients (p != 1), where they apply
-    op = _operand
+    op = _operand  # (ptr, shape, strides in elements)
 
     def vjp(stream_bytes: int, nthreads: int, offset: int = 0, fresh: bool = False):
         d1, d2 = (_touched_lines((rows, d), np_dtype(odt), offset) for _ in range(2))
         if fresh:  # new pages, never written: not in memory
-            import mmap
-
             maps = [mmap.mmap(-1, d1.nbytes + 64) for _ in range(2)]
             d1, d2 = (np.frombuffer(m, np_dtype(odt), rows * d).reshape(rows, d) for m in maps)
         before = K.stream_calls()

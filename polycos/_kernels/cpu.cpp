@@ -113,24 +113,67 @@ inline int itemsize(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 
 // + backward at 32768 x 256 with the interior only, 1056 this way (NumPy: 545).
 // The advice is a hint (no data changes); on other systems, or when the
 // kernel refuses, nothing changes.
-inline void advise_huge_pages(void* base, int nd, const i64* shape, const i64* strides, int isz) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (!base) return;
+// The memory an operand (shape, strides in elements, isz bytes an element)
+// spans: from its lowest element, `start`, `bytes` long; `n` elements. False
+// when it has none.
+struct Extent {
+    uintptr_t start = 0;
+    i64 bytes = 0, n = 0;
+};
+inline bool extent_of(const void* base, int nd, const i64* shape, const i64* strides, int isz, Extent& x) {
     i64 lo = 0, hi = 0, n = 1;
     for (int d = 0; d < nd; ++d) {
-        if (shape[d] == 0) return;
+        if (shape[d] == 0) return false;
         const i64 e = (shape[d] - 1) * strides[d];
         (e < 0 ? lo : hi) += e;
         n *= shape[d];
     }
-    const i64 span = (hi - lo + 1) * isz;
-    if (span < i64(4) << 20 || span > 2 * n * isz) return;  // small, or sparse (broadcast, strided)
+    x.start = uintptr_t(base) + uintptr_t(lo * isz);
+    x.bytes = (hi - lo + 1) * isz;
+    x.n = n;
+    return true;
+}
+
+inline uintptr_t page_bytes() {
     static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096);
-    const uintptr_t start = uintptr_t(base) + lo * isz;
-    const uintptr_t a = start & ~(page - 1), b = start + uintptr_t(span);
+    return page;
+}
+
+inline void advise_huge_pages(void* base, int nd, const i64* shape, const i64* strides, int isz) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    Extent x;
+    if (!base || !extent_of(base, nd, shape, strides, isz, x)) return;
+    if (x.bytes < i64(4) << 20 || x.bytes > 2 * x.n * isz) return;  // small, or sparse (broadcast, strided)
+    const uintptr_t a = x.start & ~(page_bytes() - 1), b = x.start + uintptr_t(x.bytes);
     madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);  // (the length is rounded up to a page)
 #else
     (void)base, (void)nd, (void)shape, (void)strides, (void)isz;
+#endif
+}
+
+// Whether an operand's pages are in memory already (a sample of 9 evenly
+// spread pages, mincore). Streaming stores into new pages are slower than
+// regular ones: the first touch of a page has the kernel zero it, which leaves
+// its lines in the cache, where a regular store is cheap and a streaming one
+// must first evict them (torch forward + backward at 32768 x 256 with glibc's
+// default allocator, which maps each new 32 MiB gradient afresh: 1.35 times as
+// long streamed).
+inline bool resident(const void* base, int nd, const i64* shape, const i64* strides, int isz) {
+#if defined(__linux__)
+    Extent x;
+    if (!base || !extent_of(base, nd, shape, strides, isz, x)) return false;
+    const uintptr_t page = page_bytes();
+    const uintptr_t first = x.start & ~(page - 1), last = (x.start + uintptr_t(x.bytes) - 1) & ~(page - 1);
+    const uintptr_t pages = (last - first) / page;
+    for (int k = 0; k <= 8; ++k) {
+        unsigned char in = 0;
+        const uintptr_t a = first + (pages * uintptr_t(k) / 8) * page;
+        if (mincore(reinterpret_cast<void*>(a), page, &in) != 0 || !(in & 1)) return false;
+    }
+    return true;
+#else
+    (void)base, (void)nd, (void)shape, (void)strides, (void)isz;
+    return false;
 #endif
 }
 
@@ -207,35 +250,6 @@ inline std::atomic<i64>& stream_bytes_override() {
 inline std::atomic<i64>& stream_calls() {
     static std::atomic<i64> v{0};
     return v;
-}
-
-// Whether the pages of p.rows rows of operand `op` are in memory already (a
-// sample of 9 evenly spread pages, mincore). Streaming stores into new pages
-// are slower than regular ones: the first touch of a page has the kernel zero
-// it, which leaves its lines in the cache, where a regular store is cheap and
-// a streaming one must first evict them (torch forward + backward at 32768 x
-// 256 with glibc's default allocator, which maps each new 32 MiB gradient
-// afresh: 1.35 times as long streamed).
-inline bool resident(const void* base, const Plan& p, int op, int isz) {
-#if defined(__linux__)
-    static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096);
-    i64 lo = 0, hi = (p.n - 1) * p.astride[op];
-    for (int d = 0; d < p.nb; ++d) {
-        const i64 e = (p.size[d] - 1) * p.bstride[op][d];
-        (e < 0 ? lo : hi) += e;
-    }
-    const uintptr_t first = (uintptr_t(base) + lo * isz) & ~(page - 1), last = (uintptr_t(base) + hi * isz) & ~(page - 1);
-    const uintptr_t pages = (last - first) / page;
-    for (int k = 0; k <= 8; ++k) {
-        unsigned char in = 0;
-        const uintptr_t a = first + (pages * uintptr_t(k) / 8) * page;
-        if (mincore(reinterpret_cast<void*>(a), page, &in) != 0 || !(in & 1)) return false;
-    }
-    return true;
-#else
-    (void)base, (void)p, (void)op, (void)isz;
-    return false;
-#endif
 }
 
 // The size of the last-level (L3) cache of CPU 0 from sysfs ("32768K"), or 0.
@@ -880,8 +894,9 @@ inline int backward_pair(int dtype, int acc, int out_dtype, const void* x1, int 
     call.res_in = res;
     call.d1 = d1;
     call.d2 = d2;
-    advise_huge_pages(d1, nd, full, strides[kBwdD1], itemsize(out_dtype));
-    if (d2 != d1) advise_huge_pages(d2, nd, full, strides[kBwdD2], itemsize(out_dtype));
+    const int osz = itemsize(out_dtype);
+    advise_huge_pages(d1, nd, full, strides[kBwdD1], osz);
+    if (d2 != d1) advise_huge_pages(d2, nd, full, strides[kBwdD2], osz);
     const Plan& p = call.plan;
     const int outs[2] = {kBwdD1, kBwdD2};
     if (p.astride[kBwdX1] == 1 && p.astride[kBwdX2] == 1 && p.astride[kBwdD1] == 1 &&
@@ -892,9 +907,9 @@ inline int backward_pair(int dtype, int acc, int out_dtype, const void* x1, int 
     } else {
         call.layout = kRowStrided;
     }
-    call.stream = call.layout == kRowContig && 2 * p.rows * p.n * itemsize(out_dtype) >= stream_threshold() &&
-                  whole_lines(d1, p, kBwdD1, itemsize(out_dtype)) && whole_lines(d2, p, kBwdD2, itemsize(out_dtype)) &&
-                  resident(d1, p, kBwdD1, itemsize(out_dtype)) && resident(d2, p, kBwdD2, itemsize(out_dtype));
+    call.stream = call.layout == kRowContig && 2 * p.rows * p.n * osz >= stream_threshold() &&
+                  whole_lines(d1, p, kBwdD1, osz) && whole_lines(d2, p, kBwdD2, osz) &&
+                  resident(d1, nd, full, strides[kBwdD1], osz) && resident(d2, nd, full, strides[kBwdD2], osz);
     if (call.stream) stream_calls().fetch_add(1, std::memory_order_relaxed);
     return run_guarded(call, kernels_for(current_isa()).backward, (res ? 2 : 3) * p.n + 1, nthreads);
 }
